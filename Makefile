@@ -1,0 +1,35 @@
+# Two entry points: `make serve` and `make test`. Both build .venv once;
+# a second run finds the stamp files and reinstalls nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install model test serve bench clean
+
+$(VENV)/.torch-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	touch $@
+
+$(VENV)/.install-stamp: $(VENV)/.torch-stamp pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.install-stamp
+
+model: install
+	$(VENV)/bin/pagedinfer prepare-model
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: model
+	$(VENV)/bin/pagedinfer serve --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

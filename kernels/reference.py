@@ -1,0 +1,93 @@
+"""Torch reference implementations of the kernels; the CPU path of the engine.
+
+Each function has the same signature as its Triton twin in this package, so a
+test can run both on the same inputs and `assert_close` the results.
+
+Invariants relied on (see `kernels/__init__.py` for the full layout):
+- `slot_mapping[i] == -1` means token i is padding and is not stored.
+- Entries of `block_tables` past a request's last block may be -1; they are
+  clamped before gathering and masked out by `seq_lens`, never read as data.
+- Query token j of request r sits at absolute position
+  `seq_lens[r] - query_len(r) + j` and sees keys at positions <= its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    key_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(key_cache.dtype)
+    value_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(value_cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_reqs, max_blocks] block ids -> [num_reqs, num_kv_heads, num_tokens, head_dim]."""
+    num_blocks_needed = -(-num_tokens // cache.shape[1])
+    blocks = cache[block_tables[:, :num_blocks_needed].clamp(min=0).long()]
+    num_reqs, _, block_size, num_kv_heads, head_dim = blocks.shape
+    flat = blocks.reshape(num_reqs, num_blocks_needed * block_size, num_kv_heads, head_dim)
+    return flat[:, :num_tokens].transpose(1, 2)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if out is None:
+        out = torch.empty_like(query)
+    num_heads = query.shape[1]
+    gqa = num_heads != key_cache.shape[2]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+    # Decode rows (one query token) are batched into one padded SDPA call: on
+    # the CPU the per-call overhead, not the FLOPs, dominates small decodes.
+    decode_rows = [r for r, n in enumerate(query_lens) if n == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=query.device)
+        ctx_len = max(lens[r] for r in decode_rows)
+        k = _gather_context(key_cache, block_tables[rows], ctx_len).to(query.dtype)
+        v = _gather_context(value_cache, block_tables[rows], ctx_len).to(query.dtype)
+        token_idx = query_start_loc[rows].long()
+        q = query[token_idx].unsqueeze(2)  # [n, heads, 1, dim]
+        mask = torch.arange(ctx_len, device=query.device)[None, :] < seq_lens[rows, None]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+        )
+        out[token_idx] = o.squeeze(2)
+
+    for r, n in enumerate(query_lens):
+        if n <= 1:
+            continue
+        seq_len, start = lens[r], starts[r]
+        k = _gather_context(key_cache, block_tables[r : r + 1], seq_len).to(query.dtype)
+        v = _gather_context(value_cache, block_tables[r : r + 1], seq_len).to(query.dtype)
+        q = query[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
+        if seq_len == n:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            q_pos = torch.arange(seq_len - n, seq_len, device=query.device)
+            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start : start + n] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,98 @@
+"""The `pagedinfer` command: prepare-model, generate and serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    capacity = parser.add_mutually_exclusive_group()
+    capacity.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU default)")
+    capacity.add_argument("--gpu-memory-utilization", type=float, default=None)
+    capacity.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from inference.config import EngineConfig
+
+    return EngineConfig.create(
+        model=args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from inference.prepare import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from inference import LLM, SamplingParams
+
+    llm = LLM.from_config(engine_config_from_args(args))
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    [output] = llm.generate([args.prompt], params, use_tqdm=False)
+    print(output.outputs[0].text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.api_server import run_server
+
+    return run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedinfer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare-model", help="fetch and convert the default SmolLM2 model")
+    prep.add_argument("--force", action="store_true", help="rebuild even if the folder looks fine")
+    prep.set_defaults(func=_prepare_model)
+
+    gen = sub.add_parser("generate", help="greedy text from one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    _add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(serve)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--max-queued-requests", type=int, default=256)
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0)
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--metrics-compat", choices=["none", "vllm"], default="none")
+    serve.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
