@@ -1,0 +1,111 @@
+"""Engine configuration, resolved once at start-up.
+
+`SchedulerConfig` is plain data so the scheduler stays importable without
+torch; `EngineConfig.create` is where defaults are filled in from the model's
+Hugging Face config and the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    enable_prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str  # one of DTYPES
+    device: str  # "cpu" or "cuda"
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+    ) -> EngineConfig:
+        import torch
+        from transformers import AutoConfig
+
+        from inference.prepare import prepare_default_model
+
+        path = Path(model) if model is not None else prepare_default_model()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {path} has no config.json")
+        hf_config = AutoConfig.from_pretrained(path)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            # float32 on the CPU keeps outputs identical to transformers; bf16
+            # is the GPU serving default.
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {dtype!r}")
+        if block_size not in (8, 16, 32, 64):
+            raise ValueError(f"block_size must be 8, 16, 32 or 64, got {block_size}")
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_model_len is None:
+            max_model_len = model_max
+        elif not 1 <= max_model_len <= model_max:
+            raise ValueError(f"max_model_len must be in [1, {model_max}], got {max_model_len}")
+        on_gpu = device == "cuda"
+        max_num_seqs = max_num_seqs or (256 if on_gpu else 64)
+        max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 512)
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if on_gpu and num_kv_blocks is None and kv_cache_memory is None and gpu_memory_utilization is None:
+            gpu_memory_utilization = 0.9
+        if not on_gpu and num_kv_blocks is None and kv_cache_memory is None:
+            kv_cache_memory = 2 * 1024**3
+        return cls(
+            model=str(path),
+            dtype=dtype,
+            device=device,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
