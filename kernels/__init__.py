@@ -23,8 +23,118 @@ Signatures:
 
 One `paged_attention` call covers prefill, chunked prefill (a chunk may start
 mid-block) and decode, in any mix.
+
+Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
+`decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`
+otherwise, which also takes decode rows in a mixed batch). CPU tensors run the
+torch references in `reference.py`, unless `PAGEDINFER_TRITON_INTERPRET=1`:
+then they run the same Triton kernels in Triton's interpreter. The interpreter
+must be chosen before Triton is first imported in the process (Triton decides
+at `@triton.jit` time, for its own library functions too), so with that
+variable set this package sets `TRITON_INTERPRET=1` when it imports Triton
+itself; if something imported Triton earlier without it, the CPU call raises
+and says so. Triton is imported lazily, on the first Triton call, so `import
+kernels` works where Triton is not installed (the references need only torch).
+
+Kernel invariants (all three kernels):
+- Every `tl.load` is masked or in bounds by grid construction; -1 block ids and
+  slots are clamped to 0 before they become addresses, then masked off.
+- Loads are upcast to float32 at once and accumulation is float32; results
+  are cast to the output dtype at the store. `tl.dot` tiles are >= 16 on every
+  dim (the GQA group is padded to 16 in decode).
+- Any head_dim works: it is padded to a power of two and masked.
+- Only the last dim of query/out/key/value/caches must be contiguous; the
+  other strides are passed to the kernels. Index tensors are contiguous.
+- Output rows that belong to no request (past `query_start_loc[-1]`) are never
+  written.
 """
 
-from kernels.reference import paged_attention, store_kv
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+from kernels import reference
 
 __all__ = ["paged_attention", "store_kv"]
+
+INTERPRET_ENV = "PAGEDINFER_TRITON_INTERPRET"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return _triton_available()
+    return os.environ.get(INTERPRET_ENV) == "1"
+
+
+def interpreter_active() -> bool:
+    """True when Triton is (or will be) imported in interpreter mode in this process."""
+    if "triton" not in sys.modules:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # `tl.sum` & co. are @triton.jit functions, interpreted only if the mode was on at import.
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+def _import_kernel(name: str, device: torch.device) -> ModuleType:
+    if device.type != "cuda":
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        elif not interpreter_active():
+            raise RuntimeError(
+                f"{INTERPRET_ENV}=1 runs CPU tensors in Triton's interpreter, but Triton was imported "
+                "without TRITON_INTERPRET=1. Set TRITON_INTERPRET=1 before anything imports triton."
+            )
+    return importlib.import_module(f"kernels.{name}")
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if not _use_triton(key_cache.device):
+        return reference.store_kv(key, value, key_cache, value_cache, slot_mapping)
+    _import_kernel("kv_store", key_cache.device).store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if not _use_triton(query.device):
+        return reference.paged_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+            max_query_len, max_seq_len, scale, out,
+        )
+    if max_query_len == 1:
+        decode = _import_kernel("decode_attention", query.device)
+        return decode.decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale, out
+        )
+    prefill = _import_kernel("prefill_attention", query.device)
+    return prefill.prefill_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out
+    )

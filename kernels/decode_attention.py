@@ -1,0 +1,323 @@
+"""Triton paged attention for decode: one query token per request.
+
+Flash-decoding: the context of each request is cut into `num_splits` ranges of
+`tokens_per_split` tokens; pass 1 (`_decode_attention_kernel`) computes one
+partial softmax per (request, KV head, split) and pass 2
+(`_combine_splits_kernel`) merges the partials. Batch 1 at long context would
+otherwise keep only `num_kv_heads` programs busy.
+
+Kernel invariants:
+- Grid of pass 1 is (num_reqs, num_kv_heads, num_splits). A program handles
+  all `group = num_heads // num_kv_heads` query heads of its KV head at once
+  (GQA), so each K/V tile is loaded once per group, not once per query head.
+  The group is padded to BLOCK_G >= 16 rows because `tl.dot` needs tiles of
+  at least 16 on every dim; the pad rows read zeros and are never stored.
+- head_dim is padded to the power of two BLOCK_D and masked.
+- Keys are gathered per token (block id from `block_tables`, then the offset in
+  the block), so one BLOCK_N tile may span several cache blocks and any
+  block_size works. Block ids of -1 are clamped to 0 before use as addresses;
+  tokens at or past `seq_lens[r]` are masked off and never read.
+- `tokens_per_split` is a multiple of BLOCK_N: a tile never straddles splits.
+  Pass 1 skips splits starting at or past `seq_lens[r]`; pass 2 reads only the
+  splits below `cdiv(seq_lens[r], tokens_per_split)`. Every tile that runs has
+  at least one valid key, so the running max is finite and no exp is NaN.
+- Partials are float32: running max (log2 domain), sum of exp, and the
+  unnormalised accumulator. With one split (DIRECT_OUT), pass 1 normalises
+  and writes `out` itself, and pass 2 is not launched. `num_splits` is a
+  runtime argument so a new context length does not recompile the kernel.
+- The query row of request r is `query_start_loc[r]`; a request with no query
+  token (query_start_loc[r + 1] == query_start_loc[r]) writes nothing.
+- `max_seq_len` (a host int) bounds every `seq_lens[r]`; the grid is sized
+  from it and no launch reads a device tensor back.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import (
+    check_float,
+    check_index,
+    check_last_dim_contiguous,
+    check_rank,
+    dot_dtype,
+    next_power_of_2,
+)
+
+_LOG2E = 1.4426950408889634
+_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its parallelism
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_attention_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel uses exp2
+    group,
+    num_heads,
+    head_dim,
+    block_size,
+    tokens_per_split,
+    num_splits,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_kc_block,
+    stride_kc_off,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_off,
+    stride_vc_head,
+    stride_bt_req,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # In bounds: grid dim 0 is num_reqs and query_start_loc has num_reqs + 1 entries.
+    q_row = tl.load(query_start_loc_ptr + req).to(tl.int64)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_row
+    seq_len = tl.load(seq_lens_ptr + req)
+    split_start = split * tokens_per_split
+    if (q_len == 0) | (split_start >= seq_len):
+        return
+    split_end = tl.minimum(split_start + tokens_per_split, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * group + g
+    g_mask = g < group
+    d_mask = d < head_dim
+    q_ptrs = query_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = q.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt_req
+    for start in range(split_start, split_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pos_mask = pos < split_end
+        block = tl.load(bt_row + pos // block_size, mask=pos_mask, other=0)
+        block = tl.maximum(block, 0).to(tl.int64)
+        offset = pos % block_size
+        kv_mask = pos_mask[:, None] & d_mask[None, :]
+        k_ptrs = key_cache_ptr + (block * stride_kc_block + offset * stride_kc_off + kv_head * stride_kc_head)[:, None]
+        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v_ptrs = value_cache_ptr + (block * stride_vc_block + offset * stride_vc_off + kv_head * stride_vc_head)[:, None]
+        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(pos_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        m_i = m_new
+
+    store_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT_OUT:
+        o_ptrs = out_ptr + q_row * stride_o_tok + heads[:, None] * stride_o_head + d[None, :]
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Partials are contiguous [num_reqs, num_heads, num_splits(, head_dim)].
+        part = (req.to(tl.int64) * num_heads + heads) * num_splits + split
+        tl.store(part_max_ptr + part, m_i, mask=g_mask)
+        tl.store(part_sum_ptr + part, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=store_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    num_heads,
+    head_dim,
+    tokens_per_split,
+    num_splits,
+    stride_o_tok,
+    stride_o_head,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + req).to(tl.int64)  # in bounds, as in pass 1
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_row
+    if q_len == 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    num_active = tl.cdiv(seq_len, tokens_per_split)  # splits pass 1 wrote; the rest is uninitialised
+
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = (s < num_active) & (s < num_splits)
+    d_mask = d < head_dim
+    part = (req.to(tl.int64) * num_heads + head) * num_splits + s
+    m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf")).to(tl.float32)
+    l = tl.load(part_sum_ptr + part, mask=s_mask, other=0.0).to(tl.float32)
+    acc_mask = s_mask[:, None] & d_mask[None, :]
+    acc = tl.load(part_acc_ptr + part[:, None] * head_dim + d[None, :], mask=acc_mask, other=0.0).to(tl.float32)
+
+    m_all = tl.max(m, axis=0)  # finite: split 0 always holds the request's own token
+    w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + q_row * stride_o_tok + head * stride_o_head + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _num_programs_wanted(device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; 1 on the interpreter (serial)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _sm_counts[index]
+
+
+def choose_tokens_per_split(num_reqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Split the context only as far as needed to fill the device."""
+    max_splits = triton.cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
+    wanted = triton.cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
+    num_splits = max(1, min(wanted, max_splits, _MAX_SPLITS))
+    return triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of each request's single new token over its paged context.
+
+    `num_splits` overrides the split heuristic (tests use it to force pass 2).
+    """
+    check_rank("query", query, 3)
+    check_float("query", query)
+    check_last_dim_contiguous("query", query)
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_rank(name, t, 4)
+        check_float(name, t)
+        check_last_dim_contiguous(name, t)
+        assert t.device == query.device, f"{name} is on {t.device}, query on {query.device}"
+    _, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    assert value_cache.shape == key_cache.shape, "key_cache and value_cache shapes differ"
+    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != query head_dim {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads do not split into {num_kv_heads} KV heads"
+    num_reqs = seq_lens.shape[0]
+    check_index("block_tables", block_tables, torch.int32, 2, query.device)
+    check_index("seq_lens", seq_lens, torch.int32, 1, query.device)
+    check_index("query_start_loc", query_start_loc, torch.int32, 1, query.device)
+    assert block_tables.shape[0] == num_reqs and query_start_loc.shape[0] == num_reqs + 1
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.device == query.device, "out must match query"
+    check_float("out", out)
+    check_last_dim_contiguous("out", out)
+    if num_reqs == 0 or max_seq_len == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    block_n = 64 if head_dim <= 128 else 32  # K and V tiles stay in registers
+    if num_splits is None:
+        tokens_per_split = choose_tokens_per_split(num_reqs, num_kv_heads, max_seq_len, block_n, query.device)
+    else:
+        tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_seq_len, tokens_per_split)
+    if num_splits > 1:
+        part_max = torch.empty((num_reqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+    else:
+        part_max = part_sum = part_acc = out  # unused: pass 1 writes `out` directly
+
+    block_d = next_power_of_2(head_dim)
+    _decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
+        part_max,
+        part_sum,
+        part_acc,
+        scale * _LOG2E,
+        group,
+        num_heads,
+        head_dim,
+        block_size,
+        tokens_per_split,
+        num_splits,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        block_tables.stride(0),
+        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        DIRECT_OUT=num_splits == 1,
+        DOT_DTYPE=dot_dtype(query),
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_reqs, num_heads)](
+            out,
+            part_max,
+            part_sum,
+            part_acc,
+            seq_lens,
+            query_start_loc,
+            num_heads,
+            head_dim,
+            tokens_per_split,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            BLOCK_S=next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
