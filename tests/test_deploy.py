@@ -311,7 +311,7 @@ def test_pods_run_non_root_with_read_only_root(target):
         assert pod_ctx["runAsNonRoot"] is True, name
         assert pod_ctx.get("runAsUser", 1) != 0, name
         assert pod_ctx["seccompProfile"]["type"] == "RuntimeDefault", name
-        mounts_by_volume = {v["name"]: v for v in pod.get("volumes", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for container in pod["containers"]:
             ctx = container["securityContext"]
             assert ctx["readOnlyRootFilesystem"] is True, name
@@ -320,7 +320,7 @@ def test_pods_run_non_root_with_read_only_root(target):
             writable = [
                 m["mountPath"]
                 for m in container.get("volumeMounts", [])
-                if not m.get("readOnly") and "emptyDir" in mounts_by_volume[m["name"]]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]
             ]
             env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
             needed = ["/tmp", f"{env['HOME']}/.cache"]
@@ -400,7 +400,8 @@ def test_selectors_reach_the_server_pods(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_network_policy_admits_only_gateway_and_prometheus(target):
-    policy = the(render(target), "NetworkPolicy")
+    docs = render(target)
+    policy = the(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     namespaces = set()
     for rule in policy["spec"]["ingress"]:
@@ -410,19 +411,12 @@ def test_network_policy_admits_only_gateway_and_prometheus(target):
             namespaces.add(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
     assert len(namespaces) == 2, namespaces
     # Prometheus' namespace is the one the autoscalers query.
-    for trigger in scaling_triggers_by_target().get(target, []):
+    for trigger in (t for so in of_kind(docs, "ScaledObject") for t in so["spec"]["triggers"]):
         host = re.match(r"https?://([^/:]+)", trigger["metadata"]["serverAddress"]).group(1)
         assert host.split(".")[1] in namespaces, host
 
 
 # ------------------------------------------------------------- autoscaling
-
-
-def scaling_triggers_by_target() -> dict[str, list[dict]]:
-    return {
-        target: [t for so in of_kind(render(target), "ScaledObject") for t in so["spec"]["triggers"]]
-        for target in TARGETS
-    }
 
 
 @pytest.mark.parametrize("target", ["overlays/keda", "overlays/model-pvc"])
@@ -498,7 +492,10 @@ def test_hpa_overlay_uses_the_adapter_rules_and_the_keda_thresholds():
     exposed = {"Pods": {r["name"]["as"] for r in config["rules"]}, "External": {r["name"]["as"] for r in config["externalRules"]}}
 
     served = server_args(server_container(deployment)).served_model_name
-    keda = {t["name"]: float(t["metadata"]["threshold"]) for t in scaling_triggers_by_target()["overlays/keda"]}
+    keda = {
+        t["name"]: float(t["metadata"]["threshold"])
+        for t in the(render("overlays/keda"), "ScaledObject")["spec"]["triggers"]
+    }
     targets = {}
     for metric in hpa["spec"]["metrics"]:
         section = metric[metric["type"].lower()]
