@@ -1,0 +1,161 @@
+"""Model runner: turns a SchedulerOutput into one forward pass and samples.
+
+It owns the model weights, the KV cache tensors and the sampler; it reads
+the scheduler's output (requests are never mutated here) and returns the
+sampled token ids. Per step it builds `input_ids`, `positions`,
+`slot_mapping`, `block_tables`, `seq_lens` and `query_start_loc` once, and
+runs the LM head only on the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference.attention import AttentionMetadata
+from inference.config import EngineConfig
+from inference.models import load_model
+from inference.sampler import Sampler, SamplerOutput, SamplingRow
+from inference.scheduler import SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    request_ids: list[str]  # the requests that sampled, in batch order
+    sampled: SamplerOutput
+
+
+def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.model = load_model(config.model, hf_config, self.dtype, config.device)
+        self.sampler = Sampler(config.device)
+        self.num_blocks = self._num_kv_blocks(hf_config)
+        self.kv_caches = self._allocate_kv_cache(hf_config)
+
+    def _num_kv_blocks(self, hf_config) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = kv_block_bytes(hf_config, self.block_size, self.dtype)
+        if config.kv_cache_memory is not None:
+            budget = config.kv_cache_memory
+        else:
+            # GPU: what is left of the utilization target after the weights
+            # and a profiling forward at the largest step.
+            self._profile_forward()
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+            budget = int(total * config.gpu_memory_utilization) - used
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget {budget} bytes holds no {per_block}-byte block")
+        return num_blocks
+
+    def _profile_forward(self) -> None:
+        num_tokens = self.config.max_num_batched_tokens
+        dummy = (torch.empty(1, self.block_size, 1, self.model.head_dim, device=self.device, dtype=self.dtype),) * 2
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = dummy
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([1], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=self.device),
+            max_query_len=1,
+            max_seq_len=1,
+        )
+        with torch.inference_mode():
+            ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+            self.model(ids, ids, meta)
+        torch.cuda.synchronize()
+
+    def _allocate_kv_cache(self, hf_config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        attn = self.model.layers[0].self_attn
+        shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        caches = []
+        for layer in self.model.layers:
+            kv = (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            layer.self_attn.kv_cache = kv
+            caches.append(kv)
+        return caches
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for key_cache, value_cache in self.kv_caches:
+            key_cache[dst] = key_cache[src]
+            value_cache[dst] = value_cache[src]
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        self.sampler.drop(output.finished_request_ids)
+        if output.block_copies:
+            self._copy_blocks(output.block_copies)
+        if not output.scheduled:
+            return RunnerOutput([], SamplerOutput([], []))
+
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        sample_rows: list[int] = []  # index into the flattened tokens
+        rows: list[SamplingRow] = []
+        max_blocks = 0
+        for request, num_new in output.scheduled:
+            start = request.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(request.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = request.block_table
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            max_blocks = max(max_blocks, len(table))
+            if end == request.num_tokens:
+                sample_rows.append(query_start_loc[-1] - 1)
+                stop_ids = request.eos_token_ids + tuple(request.params.stop_token_ids)
+                rows.append(
+                    SamplingRow(
+                        request.request_id, request.params, request.prompt_token_ids,
+                        request.output_token_ids, stop_ids, request.sample_index,
+                    )
+                )
+        block_tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+        for i, (request, _) in enumerate(output.scheduled):
+            block_tables[i, : len(request.block_table)] = torch.tensor(request.block_table, dtype=torch.int32)
+
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64).to(device, non_blocking=True),
+            block_tables=block_tables.to(device, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32).to(device, non_blocking=True),
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+            max_seq_len=max(seq_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+        hidden = self.model(ids, pos, meta)
+        if not rows:
+            return RunnerOutput([], SamplerOutput([], []))
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows))

@@ -1,0 +1,40 @@
+"""Model registry: Hugging Face `architectures` name -> our implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference.models.llama import LlamaForCausalLM
+from inference.models.loader import load_weights
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(hf_config) -> type[nn.Module]:
+    names = getattr(hf_config, "architectures", None) or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise ValueError(
+        f"config.json field 'architectures' is {names!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+    )
+
+
+def load_model(folder: str | Path, hf_config, dtype: torch.dtype, device: str) -> nn.Module:
+    cls = model_class(hf_config)
+    # Build on the meta device and materialize once in the target dtype: random
+    # init of a multi-GB model would cost more than loading it.
+    with torch.device("meta"):
+        model = cls(hf_config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary = type(model.rotary)(hf_config, model.head_dim).to(device)  # buffers, not weights
+    load_weights(model, Path(folder))
+    return model.eval()

@@ -1,0 +1,107 @@
+"""Load a Hugging Face folder's safetensors into our fused model.
+
+Checkpoint names map onto ours by stripping the `model.` prefix; q/k/v and
+gate/up are concatenated along the output dim, in that order, as the fused
+projections expect. Every parameter must be written exactly once, so a
+missing tensor or shard is an error naming it, never silent random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+# checkpoint suffix -> (our parameter suffix, index of the part in the fused tensor)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def list_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder, checking a sharded index is complete."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from exc
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing shard(s) listed in {index.name}: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
+    return files
+
+
+def _target(name: str) -> tuple[str, int | None]:
+    name = name.removeprefix("model.")
+    for suffix, (fused, part) in _FUSED.items():
+        for kind in (".weight", ".bias"):
+            if name.endswith(suffix + kind):
+                return name[: -len(suffix + kind)] + fused + kind, part
+    return name, None
+
+
+def _fused_parts(model: nn.Module, name: str) -> list[int]:
+    """Output sizes of the parts of a parameter; one part if it is not fused."""
+    module_name, kind, _ = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", "")
+    if kind == "qkv_proj":
+        attn = model.get_submodule(module_name)
+        return [attn.q_size, attn.kv_size, attn.kv_size]
+    if kind == "gate_up_proj":
+        mlp = model.get_submodule(module_name)
+        return [mlp.intermediate_size, mlp.intermediate_size]
+    return [0]
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    params = dict(model.named_parameters())
+    written: dict[str, int] = {}  # our name -> number of parts written
+    files = list_weight_files(folder)
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
+        try:
+            handle = safe_open(path, framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+        with handle as f:
+            for ckpt_name in f.keys():
+                if ckpt_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if ckpt_name == "lm_head.weight" and "lm_head.weight" not in params:
+                    continue  # tied embeddings: some checkpoints still store the copy
+                name, part = _target(ckpt_name)
+                if name not in params:
+                    raise ValueError(f"{path.name}: unexpected tensor {ckpt_name!r}")
+                try:
+                    tensor = f.get_tensor(ckpt_name)
+                except (SafetensorError, OSError, RuntimeError) as exc:
+                    raise ValueError(f"{path}: cannot read tensor {ckpt_name!r} ({exc})") from exc
+                param = params[name]
+                with torch.no_grad():
+                    if part is None:
+                        dest = param
+                    else:
+                        sizes = _fused_parts(model, name)
+                        offset = sum(sizes[:part])
+                        dest = param.narrow(0, offset, sizes[part])
+                    if dest.shape != tensor.shape:
+                        raise ValueError(
+                            f"{path.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                        )
+                    dest.copy_(tensor)
+                written[name] = written.get(name, 0) + 1
+    for name in params:
+        if written.get(name, 0) != len(_fused_parts(model, name)):
+            raise ValueError(f"{folder}: weights for {name!r} are missing from the checkpoint")

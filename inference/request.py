@@ -1,0 +1,82 @@
+"""One request (one sample of a prompt) as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from inference.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str  # unique per sample: the parent id, or "<parent>#<index>"
+    parent_id: str  # the id the caller knows
+    sample_index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    arrival_time: float
+    priority: int = 0
+    cache_salt: str | None = None
+    # prompt followed by outputs; grows by one per sampled token
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    stop_reason: int | None = None
+    # n > 1: the leader prefills the shared prompt once, then the scheduler
+    # forks these held-back samples off its blocks.
+    pending_samples: list[Request] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_tokens_target(self) -> int:
+        """Tokens to compute before the next sample; a leader with samples to
+        fork stops one short, so each sample computes the last prompt token
+        itself and draws its own first token."""
+        return self.num_tokens - 1 if self.pending_samples else self.num_tokens
+
+    @property
+    def num_seats(self) -> int:
+        """Batch slots held: a leader reserves one for each pending sample."""
+        return 1 + len(self.pending_samples)
+
+    @property
+    def sort_key(self) -> tuple[int, float, str]:
+        return (self.priority, self.arrival_time, self.request_id)

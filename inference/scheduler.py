@@ -1,0 +1,275 @@
+"""Continuous-batching scheduler (vLLM v1 style), pure Python.
+
+There are no prefill and decode phases: every request has
+`num_computed_tokens` catching up with `num_tokens_target`, and each step
+hands out at most `max_num_batched_tokens` new tokens over at most
+`max_num_seqs` requests. Running requests that need one token (decodes) go
+first, then running prefills, then waiting requests; prefills are chunked to
+fit the budget.
+
+Invariants:
+- Only the scheduler mutates `Request`s and the block manager.
+- A running request's `block_table` holds exactly
+  ceil((num_computed_tokens + tokens scheduled) / block_size) blocks.
+- `running` is sorted by `Request.sort_key` (priority, then arrival); the
+  preemption victim is its last element: lowest priority, newest.
+- Preemption is by recompute: the victim's blocks are freed, its computed
+  count drops to 0 and it waits again with its tokens kept, so nothing
+  generated is lost.
+- A finished or aborted request holds no blocks.
+- At most the last prompt token is recomputed on a prefix-cache hit, so the
+  step that finishes the prompt always has logits to sample from.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass, field
+
+from inference.block_manager import BlockManager, hash_blocks
+from inference.config import SchedulerConfig
+from inference.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]]  # (request, new tokens), batch order
+    block_copies: list[tuple[int, int]]  # (src, dst): copy-on-write before the forward
+    finished_request_ids: list[str]  # finished since the last step
+    num_batched_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # prompt tokens found cached
+    prompt_tokens_computed: int = 0
+
+
+@dataclass(slots=True)
+class _WaitingEntry:
+    key: tuple[int, float, str]
+    request: Request = field(compare=False)
+
+    def __lt__(self, other: _WaitingEntry) -> bool:
+        return self.key < other.key
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.block_size = config.block_size
+        self.waiting: list[_WaitingEntry] = []  # heap
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._finished_ids: list[str] = []
+
+    # ---- requests in and out -------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.num_tokens_target == 0:
+            # A one-token prompt has nothing to share: every sample runs alone.
+            samples, request.pending_samples = request.pending_samples, []
+        else:
+            samples = []
+        for r in [request, *samples]:
+            self.requests[r.request_id] = r
+            heapq.heappush(self.waiting, _WaitingEntry(r.sort_key, r))
+        for sample in request.pending_samples:
+            self.requests[sample.request_id] = sample
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for sample in request.pending_samples:
+            self.finish_request(sample.request_id, status)
+        request.pending_samples = []
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting = [e for e in self.waiting if e.request is not request]
+            heapq.heapify(self.waiting)
+        self.block_manager.free(request.block_table)
+        request.block_table = []
+        request.status = status
+        self._finished_ids.append(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(e.request.num_seats for e in self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r.num_seats for r in self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step --------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[Request, int] = {}
+        copies: list[tuple[int, int]] = []
+        preempted = False
+
+        # Decodes first, then running prefills; both in priority order.
+        decodes = [r for r in self.running if r.num_tokens_target - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens_target - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens_target - request.num_computed_tokens, budget)
+            while not self._allocate(request, num_new, copies):
+                victim = self.running[-1]
+                budget += scheduled.pop(victim, 0)
+                # The victim's blocks go back to the pool: drop its pending copies.
+                copies[:] = [c for c in copies if c[1] not in victim.block_table]
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled[request] = num_new
+                budget -= num_new
+
+        # Admit waiting requests; not after a preemption, which means the pool
+        # is already too small for what runs.
+        while self.waiting and budget > 0 and not preempted:
+            request = self.waiting[0].request
+            if self.num_running + request.num_seats > self.config.max_num_seqs:
+                break
+            hits = self._lookup_prefix(request)
+            num_cached = len(hits) * self.block_size
+            num_new = min(request.num_tokens_target - num_cached, budget)
+            if not self._allocate(request, num_new, copies, hits):
+                break
+            heapq.heappop(self.waiting)
+            if self.config.enable_prefix_caching:
+                self.stats.prefix_cache_queries += request.num_tokens
+                self.stats.prefix_cache_hits += num_cached
+            request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+            scheduled[request] = num_new
+            budget -= num_new
+
+        order = {id(r): i for i, r in enumerate(self.running)}
+        batch = sorted(scheduled.items(), key=lambda item: order[id(item[0])])
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(batch, copies, finished, self.config.max_num_batched_tokens - budget)
+
+    def _lookup_prefix(self, request: Request) -> list[int]:
+        """Block ids of the cached prefix a request being admitted can reuse."""
+        if not self.config.enable_prefix_caching:
+            return []
+        request.block_hashes = hash_blocks(
+            request.token_ids, self.block_size, request.cache_salt, request.block_hashes
+        )
+        max_blocks = (request.num_tokens_target - 1) // self.block_size
+        return self.block_manager.lookup(request.block_hashes[:max_blocks])
+
+    def _allocate(
+        self, request: Request, num_new: int, copies: list[tuple[int, int]], hits: list[int] = ()
+    ) -> bool:
+        """Give `request` the blocks for `num_new` more tokens (after the cached
+        prefix `hits`, for a request being admitted). False if the pool cannot,
+        in which case nothing changed."""
+        bm = self.block_manager
+        num_computed = len(hits) * self.block_size if hits else request.num_computed_tokens
+        num_held = len(hits) if hits else len(request.block_table)
+        num_fresh = max(-(-(num_computed + num_new) // self.block_size) - num_held, 0)
+        write_index = num_computed // self.block_size
+        shared_tail = (
+            write_index < len(request.block_table)
+            and bm.blocks[request.block_table[write_index]].ref_cnt > 1
+        )
+        if bm.num_blocks_to_acquire(hits) + num_fresh + shared_tail > bm.num_free_blocks:
+            return False
+        if hits:
+            bm.acquire(hits)
+            request.block_table = list(hits)
+            request.num_computed_tokens = num_computed
+        if shared_tail:
+            src = request.block_table[write_index]
+            dst = bm.copy_on_write(src)
+            request.block_table[write_index] = dst
+            copies.append((src, dst))
+        request.block_table.extend(bm.allocate(num_fresh))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.block_table)
+        request.block_table = []
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        heapq.heappush(self.waiting, _WaitingEntry(request.sort_key, request))
+
+    # ---- after the model ran ---------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish requests that
+        hit a token-level stop. Returns the requests that got a new token."""
+        progressed = []
+        for request, num_new in output.scheduled:
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                self.stats.prompt_tokens_computed += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
+            request.num_computed_tokens += num_new
+            self._cache_full_blocks(request)
+            if request.pending_samples and request.num_computed_tokens == request.num_tokens_target:
+                self._fork(request)
+            token_id = sampled.get(request.request_id)
+            if token_id is None:
+                continue
+            request.token_ids.append(token_id)
+            progressed.append(request)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+        return progressed
+
+    def _cache_full_blocks(self, request: Request) -> None:
+        if not self.config.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full > len(request.block_hashes):
+            request.block_hashes = hash_blocks(
+                request.token_ids[: num_full * self.block_size], self.block_size,
+                request.cache_salt, request.block_hashes,
+            )
+        self.block_manager.cache_blocks(request.block_table[:num_full], request.block_hashes[:num_full])
+
+    def _fork(self, leader: Request) -> None:
+        for sample in leader.pending_samples:
+            self.block_manager.acquire(leader.block_table)
+            sample.block_table = list(leader.block_table)
+            sample.block_hashes = list(leader.block_hashes)
+            sample.num_computed_tokens = leader.num_computed_tokens
+            sample.status = RequestStatus.RUNNING
+            bisect.insort(self.running, sample, key=lambda r: r.sort_key)
+        leader.pending_samples = []
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.params
+        num_output = request.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
