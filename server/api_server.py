@@ -1,0 +1,85 @@
+"""`pagedinfer serve`: uvicorn running the app, with a graceful drain.
+
+On SIGTERM (or Ctrl+C) the server keeps its socket open but answers /ready
+and new requests with 503, lets in-flight requests finish for up to
+--shutdown-timeout seconds, then exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from server.app import create_app
+from server.state import ServerSettings, ServerState
+
+logger = logging.getLogger(__name__)
+
+# After the drain, how long uvicorn may take to flush responses and close connections.
+CLOSE_TIMEOUT_S = 5
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_deadline: float | None = None
+        self.exit_code = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is not None:
+            super().handle_exit(sig, frame)
+            return
+        # A signal handler should do little: flag the drain, on_tick does the rest.
+        self.drain_deadline = time.monotonic() + self.state.settings.shutdown_timeout
+        self.state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        engine = self.state.engine
+        if self.drain_deadline is not None and not self.should_exit:
+            num_unfinished = engine.num_unfinished if engine is not None else 0
+            if num_unfinished == 0 or time.monotonic() >= self.drain_deadline:
+                logger.info("drain done (%d requests still unfinished); shutting down", num_unfinished)
+                self.should_exit = True
+        elif engine is not None and engine.dead_error is not None and self.state.tokenizer is None:
+            logger.error("the engine failed to start; exiting")
+            self.exit_code = 1
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    from inference.prepare import default_model_dir
+
+    return Path(args.model).name if args.model else default_model_dir().name
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        served_model_name=_served_model_name(args),
+        api_key=args.api_key,
+        max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        log_prompts=args.log_prompts,
+    )
+
+    def build_engine():
+        from inference.engine import LLMEngine
+        from server.cli import engine_config_from_args
+
+        return LLMEngine(engine_config_from_args(args))
+
+    app = create_app(settings, build_engine)
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
+    server = DrainingServer(config, app.state.server)
+    server.run()
+    return server.exit_code

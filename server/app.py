@@ -1,0 +1,74 @@
+"""The FastAPI application: routes, error shapes, middleware, and start-up.
+
+The app starts serving before the model is loaded: the engine loads on its
+own thread, /ready answers 503 until it is done, and /health reports
+whether the engine loop is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from inference.async_engine import AsyncLLM, EngineDeadError
+from server.errors import install_error_handlers
+from server.metrics import create_registry
+from server.middleware import ApiKeyAuth, BodySizeLimit
+from server.routes import router
+from server.state import ServerSettings, ServerState
+
+if TYPE_CHECKING:
+    from inference.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+async def _finish_loading(state: ServerState) -> None:
+    try:
+        await state.engine.wait_ready()
+    except EngineDeadError:
+        logger.error("the model failed to load; /health answers 503")
+        return
+    from transformers import AutoTokenizer
+
+    config = state.engine.config
+    state.max_model_len = config.max_model_len
+    state.tokenizer = await state.run_tokenizer(AutoTokenizer.from_pretrained, config.model)
+    logger.info("model %s loaded (max_model_len %d); ready", state.settings.served_model_name, config.max_model_len)
+
+
+def create_app(settings: ServerSettings, engine_factory: Callable[[], LLMEngine]) -> FastAPI:
+    """`engine_factory` builds the LLMEngine; it runs on the engine thread."""
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.engine = AsyncLLM(engine_factory)
+        loading = asyncio.create_task(_finish_loading(state))
+        yield
+        state.draining = True
+        loading.cancel()
+        await state.engine.shutdown()
+        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="pagedinfer",
+        description="OpenAI-compatible API of a readable LLM inference server.",
+        version=importlib.metadata.version("pagedinfer"),
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    app.state.metrics_registry = create_registry(state)
+    app.include_router(router)
+    install_error_handlers(app)
+    # The last middleware added runs first: the key is checked before a large body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    return app

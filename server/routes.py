@@ -1,0 +1,117 @@
+"""HTTP routes: thin wrappers that parse, call the serving code and answer."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from server.errors import APIError, error_response
+from server.metrics import render
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.serving_chat import create_chat_completion, render_chat
+from server.serving_common import check_model
+from server.serving_completions import create_completion
+from server.state import ServerState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _loaded_state(request: Request, model: str | None) -> ServerState:
+    """For routes that need the tokenizer (and so the loaded model)."""
+    state = _state(request)
+    if state.tokenizer is None:
+        raise APIError(503, "The model is still loading; retry shortly.", code="model_loading",
+                       headers={"Retry-After": "5"})
+    check_model(state, model)
+    return state
+
+
+@router.get("/health", summary="Liveness: 200 while the engine loop runs")
+async def health(request: Request) -> Response:
+    engine = _state(request).engine
+    if engine is None or not engine.is_alive:
+        return error_response(503, "The engine loop is not running.", code="engine_dead")
+    return Response(status_code=200)
+
+
+@router.get("/ready", summary="Readiness: 200 once the model is loaded, 503 while loading or draining")
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    if state.draining:
+        return error_response(503, "The server is shutting down.", code="server_shutting_down")
+    if not state.ready:
+        return error_response(503, "The model is still loading.", code="model_loading")
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": importlib.metadata.version("pagedinfer")}
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = render(request.app.state.metrics_registry)
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    state = _state(request)
+    engine = state.engine
+    card = ModelCard(
+        id=state.settings.served_model_name,
+        created=state.started,
+        root=engine.config.model if engine is not None and engine.config is not None else state.settings.served_model_name,
+        max_model_len=state.max_model_len or None,
+    )
+    return ModelList(data=[card])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             summary="Text completion; with stream=true, server-sent events of the same shape")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await create_completion(_state(request), body, request)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             summary="Chat completion; with stream=true, server-sent chat.completion.chunk events")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await create_chat_completion(_state(request), body, request)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = _loaded_state(request, body.model)
+    tokenizer = state.tokenizer
+    if body.messages is not None:
+        tokens = await state.run_tokenizer(render_chat, tokenizer, body.messages, body.add_generation_prompt)
+    else:
+        tokens = await state.run_tokenizer(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = _loaded_state(request, body.model)
+    vocab_size = len(state.tokenizer)
+    if any(not 0 <= token_id < vocab_size for token_id in body.tokens):
+        raise APIError(400, f"tokens must be token ids in [0, {vocab_size})", param="tokens")
+    return DetokenizeResponse(prompt=await state.run_tokenizer(state.tokenizer.decode, body.tokens))

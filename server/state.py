@@ -1,0 +1,56 @@
+"""What the routes share: settings from the command line and the live state
+(engine, tokenizer, draining flag), kept on `app.state.server`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from inference.async_engine import AsyncLLM
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    max_queued_requests: int = 256
+    max_request_bytes: int = 4 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    log_prompts: bool = False
+
+
+@dataclass(slots=True)
+class ServerState:
+    settings: ServerSettings
+    engine: AsyncLLM | None = None
+    # The server's own tokenizer instance: a Hugging Face fast tokenizer used
+    # from two threads at once can fail with "Already borrowed", and the
+    # engine's instance belongs to the engine thread.
+    tokenizer: PreTrainedTokenizerBase | None = None
+    max_model_len: int = 0
+    draining: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
+    # One thread for tokenizing and chat templates: long prompts stay off the
+    # event loop, and the tokenizer is never used from two threads.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    )
+
+    @property
+    def ready(self) -> bool:
+        return self.tokenizer is not None and self.engine is not None and self.engine.is_ready and not self.draining
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run fn(*args, **kwargs) on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_pool, functools.partial(fn, *args, **kwargs))
