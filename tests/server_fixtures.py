@@ -1,0 +1,114 @@
+"""Real `pagedinfer serve` processes for the server tests.
+
+A server with the default SmolLM2 takes seconds to load, so processes are
+shared: `shared_server(...)` starts one per distinct argument list for the
+whole test session (test modules wrap it in a module fixture) and stops it at
+exit. `start_server` gives a private process for tests that end it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-key"
+# Small enough for CPU runs; 512 blocks of 16 tokens hold 64 requests of 128 tokens.
+MAIN_SERVER_ARGS = (
+    "--max-model-len", "256", "--num-kv-blocks", "512", "--max-num-seqs", "64",
+    "--api-key", API_KEY, "--max-request-bytes", str(1024 * 1024),
+)
+READY_TIMEOUT_S = 240
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+    api_key: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=120, **kwargs)
+
+    def async_client(self, **kwargs) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=120, **kwargs)
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of GET /metrics, by name."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(*args: str) -> ServerProcess:
+    """Start `pagedinfer serve` on a free port and wait for /ready."""
+    port = free_port()
+    api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+    log = tempfile.NamedTemporaryFile(prefix="pagedinfer-serve-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+_shared: dict[tuple[str, ...], ServerProcess] = {}
+
+
+def shared_server(*args: str) -> ServerProcess:
+    """One server per argument list for the session; the default is the main
+    server (with an API key) that most tests use."""
+    args = args or MAIN_SERVER_ARGS
+    server = _shared.get(args)
+    if server is None or server.process.poll() is not None:
+        server = start_server(*args)
+        _shared[args] = server
+        atexit.register(server.stop)
+    return server
