@@ -122,6 +122,7 @@ def prepare_default_model(force: bool = False) -> Path:
     gguf = _download_gguf(cache)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the folder is shared read-only data
     try:
         _convert(gguf, tmp)
         problems = check_model_dir(tmp)

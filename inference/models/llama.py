@@ -52,14 +52,18 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
         params = rope_parameters(config)
-        if params["rope_type"] == "default":
-            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            self.attention_scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+        with torch.device("cpu"):  # real numbers even when the model is built on meta
+            inv_freq, self.attention_scaling = self._inv_freq(config, params, head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    @staticmethod
+    def _inv_freq(config, params: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+        if params["rope_type"] == "default":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+            return 1.0 / (params["rope_theta"] ** exponents), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random-weight models saved by transformers, and the
+prepared default SmolLM2 folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep torch from spinning OpenMP threads against the server processes that
+# some tests start on the same two cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=112,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    ),
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=384, hidden_size=64, intermediate_size=112,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=384, hidden_size=64, intermediate_size=112,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    ),
+}
+
+
+def build_tiny_tokenizer(folder) -> None:
+    """A byte-level tokenizer with no merges: 256 byte tokens plus <eos> (256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_model(model_type: str, folder, seed: int = 0):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_CONFIGS[model_type])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init gives near-uniform logits; scale the embeddings up so
+    # greedy continuations are decisive rather than decided by rounding.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20.0)
+    model.config.architectures = [type(model).__name__]
+    model.config.eos_token_id = 256
+    model.generation_config.eos_token_id = 256
+    model.save_pretrained(folder)
+    build_tiny_tokenizer(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_model(request, tmp_path_factory):
+    """(model_type, folder, transformers model) for each tiny architecture."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model = build_tiny_model(request.param, folder)
+    return request.param, folder, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from inference.prepare import check_model_dir, default_model_dir
+
+    folder = default_model_dir()
+    problems = check_model_dir(folder) if folder.exists() else ["not prepared"]
+    if problems:
+        pytest.fail(f"default model not prepared ({problems}); run `pagedinfer prepare-model`")
+    return folder
