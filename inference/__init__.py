@@ -1,7 +1,18 @@
-"""pagedinfer's engine: continuous batching on a paged KV cache."""
+"""pagedinfer's engine: continuous batching on a paged KV cache.
 
-from inference.llm import LLM
+`LLM` is imported lazily so that the pure-Python parts (scheduler, block
+manager, requests) can be imported and tested without torch.
+"""
+
 from inference.outputs import CompletionOutput, Logprob, RequestOutput
 from inference.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from inference.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")
