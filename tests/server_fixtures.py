@@ -9,6 +9,7 @@ exit. `start_server` gives a private process for tests that end it.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import socket
@@ -112,3 +113,20 @@ def shared_server(*args: str) -> ServerProcess:
         _shared[args] = server
         atexit.register(server.stop)
     return server
+
+
+def sse_events(lines) -> list[dict]:
+    """JSON payloads of a server-sent event stream; asserts it ends with [DONE]."""
+    events, done = [], False
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected line {line!r}"
+            continue
+        assert not done, "data after [DONE]"
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(payload))
+    assert done, "stream did not end with data: [DONE]"
+    return events

@@ -1,0 +1,113 @@
+"""Bad input gets a 4xx in OpenAI's error shape, naming the parameter where
+there is one, and never hurts the server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from openai_schemas import check_error
+from server_fixtures import shared_server
+
+pytestmark = pytest.mark.slow
+
+C = "/v1/completions"
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "Hi"}]
+LONG_TEXT = "word " * 400  # over the test server's max_model_len of 256
+JSON = {"Content-Type": "application/json"}
+
+# (id, path, request keyword arguments, status, param the error should name)
+CASES = [
+    ("malformed json", C, {"content": b'{"prompt": "x",', "headers": JSON}, 400, None),
+    ("body is a list", C, {"json": ["prompt"]}, 400, None),
+    ("not json at all", C, {"content": b"prompt=x", "headers": {"Content-Type": "text/plain"}}, 400, None),
+    ("invalid utf-8 bytes", C, {"content": b'{"prompt": "\xff\xfe\xfa"}', "headers": JSON}, 400, None),
+    ("lone surrogate", C, {"content": b'{"prompt": "a\\ud800b"}', "headers": JSON}, 400, "prompt"),
+    ("missing prompt", C, {"json": {"max_tokens": 2}}, 400, "prompt"),
+    ("prompt is a number", C, {"json": {"prompt": 42}}, 400, "prompt"),
+    ("empty prompt", C, {"json": {"prompt": ""}}, 400, "prompt"),
+    ("empty prompt list", C, {"json": {"prompt": []}}, 400, "prompt"),
+    ("token id out of vocab", C, {"json": {"prompt": [1, 10**6]}}, 400, "prompt"),
+    ("negative token id", C, {"json": {"prompt": [[-1]]}}, 400, "prompt"),
+    ("prompt over context", C, {"json": {"prompt": LONG_TEXT}}, 400, "prompt"),
+    ("max_tokens wrong type", C, {"json": {"prompt": "x", "max_tokens": "many"}}, 400, "max_tokens"),
+    ("max_tokens negative", C, {"json": {"prompt": "x", "max_tokens": -5}}, 400, "max_tokens"),
+    ("max_tokens zero", C, {"json": {"prompt": "x", "max_tokens": 0}}, 400, "max_tokens"),
+    ("max_tokens huge", C, {"json": {"prompt": "x", "max_tokens": 10**12}}, 400, "max_tokens"),
+    ("n zero", C, {"json": {"prompt": "x", "n": 0}}, 400, "n"),
+    ("n huge", C, {"json": {"prompt": "x", "n": 10**6}}, 400, "n"),
+    ("temperature negative", C, {"json": {"prompt": "x", "temperature": -1}}, 400, "temperature"),
+    ("temperature wrong type", C, {"json": {"prompt": "x", "temperature": "hot"}}, 400, "temperature"),
+    ("temperature NaN", C, {"content": b'{"prompt": "x", "temperature": NaN}', "headers": JSON}, 400, "temperature"),
+    ("top_p zero", C, {"json": {"prompt": "x", "top_p": 0}}, 400, "top_p"),
+    ("top_p above one", C, {"json": {"prompt": "x", "top_p": 1.5}}, 400, "top_p"),
+    ("top_k negative", C, {"json": {"prompt": "x", "top_k": -7}}, 400, "top_k"),
+    ("logprobs too many", C, {"json": {"prompt": "x", "logprobs": 50}}, 400, "logprobs"),
+    ("presence_penalty too big", C, {"json": {"prompt": "x", "presence_penalty": 5}}, 400, "presence_penalty"),
+    ("logit_bias bad key", C, {"json": {"prompt": "x", "logit_bias": {"hello": 1}}}, 400, "logit_bias"),
+    ("logit_bias out of vocab", C, {"json": {"prompt": "x", "logit_bias": {"999999": 1}}}, 400, "logit_bias"),
+    ("stop_token_ids out of vocab", C, {"json": {"prompt": "x", "stop_token_ids": [10**7]}}, 400, "stop_token_ids"),
+    ("min_tokens over max_tokens", C, {"json": {"prompt": "x", "max_tokens": 2, "min_tokens": 5}}, 400, "min_tokens"),
+    ("seed too large", C, {"json": {"prompt": "x", "seed": 2**70}}, 400, "seed"),
+    ("stream not a bool", C, {"json": {"prompt": "x", "stream": "perhaps"}}, 400, "stream"),
+    ("unknown model", C, {"json": {"prompt": "x", "model": "gpt-9"}}, 404, "model"),
+    ("chat missing messages", CHAT, {"json": {"max_tokens": 2}}, 400, "messages"),
+    ("chat empty messages", CHAT, {"json": {"messages": []}}, 400, "messages"),
+    ("chat bad role", CHAT, {"json": {"messages": [{"role": "wizard", "content": "x"}]}}, 400, "messages.0.role"),
+    ("chat content wrong type", CHAT, {"json": {"messages": [{"role": "user", "content": 7}]}}, 400, None),
+    ("chat image part", CHAT, {"json": {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}}, 400, None),
+    ("chat top_logprobs without logprobs", CHAT, {"json": {"messages": USER, "top_logprobs": 2}}, 400, "top_logprobs"),
+    ("chat top_logprobs too many", CHAT, {"json": {"messages": USER, "logprobs": True, "top_logprobs": 21}},
+     400, "top_logprobs"),
+    ("chat over context", CHAT, {"json": {"messages": [{"role": "user", "content": LONG_TEXT}]}}, 400, "messages"),
+    ("chat max_tokens over context", CHAT, {"json": {"messages": USER, "max_tokens": 100000}}, 400, "max_tokens"),
+    ("chat unknown model", CHAT, {"json": {"messages": USER, "model": "nope"}}, 404, "model"),
+    ("tokenize needs one input", "/tokenize", {"json": {}}, 400, None),
+    ("detokenize out of vocab", "/detokenize", {"json": {"tokens": [10**9]}}, 400, "tokens"),
+    ("body over the limit", C, {"content": b'{"prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}', "headers": JSON},
+     413, None),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    return shared_server()
+
+
+@pytest.mark.parametrize("path, kwargs, status, param", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(server, path, kwargs, status, param):
+    with server.client() as client:
+        response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    error = check_error(response)
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_context_error_states_both_lengths(server):
+    with server.client() as client:
+        error = check_error(client.post(C, json={"prompt": LONG_TEXT}))
+    assert error["code"] == "context_length_exceeded"
+    assert "256" in error["message"] and "401 tokens" in error["message"], error
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test-key"}],
+                         ids=["missing key", "wrong key", "no Bearer"])
+def test_bad_api_key(server, headers):
+    response = httpx.post(f"{server.base_url}{C}", json={"prompt": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert check_error(response)["code"] == "invalid_api_key"
+
+
+def test_wrong_method(server):
+    with server.client() as client:
+        response = client.get(C)
+    assert response.status_code == 405
+    check_error(response)
+
+
+def test_server_healthy_after_bad_inputs(server):
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
+        assert client.post(C, json={"prompt": "Still fine?", "max_tokens": 2}).status_code == 200
