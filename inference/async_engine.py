@@ -95,10 +95,20 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, engine_factory: Callable[[], LLMEngine]) -> None:
-        """Start the loop thread; it builds the engine with `engine_factory`."""
+    def __init__(
+        self,
+        engine_factory: Callable[[], LLMEngine],
+        stats_logger: Callable[[list[RequestOutput], EngineStats], None] | None = None,
+    ) -> None:
+        """Start the loop thread; it builds the engine with `engine_factory`.
+
+        `stats_logger(outputs, stats)`, if given, runs on the loop thread
+        after every step (and with no outputs once the engine is built, and
+        while idle); it must be quick and must not touch the engine.
+        """
         self._loop = asyncio.get_running_loop()
         self._engine_factory = engine_factory
+        self._stats_logger = stats_logger
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event loop only
         self._num_unaccepted = 0  # adds the loop thread has not applied yet
@@ -247,6 +257,7 @@ class AsyncLLM:
             engine = self._engine_factory()
             self.config = engine.config
             self._stats = engine.stats()
+            self._log_stats([], self._stats)
             self._call_in_loop(self._ready.set)
             self._serve(engine)
         except BaseException as exc:  # noqa: BLE001 - any crash must reach /health
@@ -259,6 +270,7 @@ class AsyncLLM:
         while True:
             if not self._apply_commands(engine, request_ids, block=not engine.has_unfinished_requests()):
                 return
+            outputs: list[RequestOutput] = []
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
@@ -276,6 +288,16 @@ class AsyncLLM:
                 if outputs:
                     self._call_in_loop(self._deliver, outputs)
             self._stats = engine.stats()
+            self._log_stats(outputs, self._stats)
+
+    def _log_stats(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        if self._stats_logger is None:
+            return
+        try:
+            self._stats_logger(outputs, stats)
+        except Exception:  # metrics must never stop the engine
+            logger.exception("stats logger failed; metrics are off from now on")
+            self._stats_logger = None
 
     def _apply_commands(self, engine: LLMEngine, request_ids: set[str], *, block: bool) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""

@@ -140,12 +140,13 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        scheduled_at = time.monotonic()  # queue time ends here, before the forward pass
         result = self.runner.execute(sched)
         now = time.monotonic()
         sampled = dict(zip(result.request_ids, result.sampled.token_ids))
         logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
         for request, _ in sched.scheduled:
-            self.outputs.mark_scheduled(request.parent_id, now)
+            self.outputs.mark_scheduled(request.parent_id, scheduled_at)
         progressed = self.scheduler.update(sched, sampled)
 
         touched = dict.fromkeys(self._pending_outputs)

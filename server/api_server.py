@@ -70,6 +70,7 @@ def run_server(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout,
         log_prompts=args.log_prompts,
+        metrics_compat=args.metrics_compat,
     )
 
     def build_engine():

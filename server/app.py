@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from inference.async_engine import AsyncLLM, EngineDeadError
 from server.errors import install_error_handlers
-from server.metrics import create_registry
+from server.metrics import EngineMetrics
 from server.middleware import ApiKeyAuth, BodySizeLimit
 from server.routes import router
 from server.state import ServerSettings, ServerState
@@ -46,10 +46,11 @@ async def _finish_loading(state: ServerState) -> None:
 def create_app(settings: ServerSettings, engine_factory: Callable[[], LLMEngine]) -> FastAPI:
     """`engine_factory` builds the LLMEngine; it runs on the engine thread."""
     state = ServerState(settings)
+    metrics = EngineMetrics(state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine = AsyncLLM(engine_factory)
+        state.engine = AsyncLLM(engine_factory, stats_logger=metrics.record)
         loading = asyncio.create_task(_finish_loading(state))
         yield
         state.draining = True
@@ -64,7 +65,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], LLMEngine]
         lifespan=lifespan,
     )
     app.state.server = state
-    app.state.metrics_registry = create_registry(state)
+    app.state.metrics_registry = metrics.registry
     app.include_router(router)
     install_error_handlers(app)
     # The last middleware added runs first: the key is checked before a large body is read.

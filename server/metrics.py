@@ -1,52 +1,222 @@
 """Prometheus metrics for GET /metrics.
 
-The engine's state is read at scrape time from the loop thread's latest
-stats snapshot, so nothing has to be pushed on every step.
+`EngineMetrics.record(outputs, stats)` runs on the engine loop thread once
+per step (AsyncLLM calls it after every step); it turns the step's
+RequestOutputs and the engine's EngineStats into counters and histograms.
+All latencies come from the engine's own monotonic timestamps
+(`RequestOutput.metrics`), so they measure the engine, not the thread
+that happens to read them. A scrape renders the latest values; a lock keeps
+the two threads from seeing half a step.
+
+Every series carries `model_name` (the --served-model-name), which the
+autoscaling queries in deploy/k8s filter on. With `--metrics-compat vllm`
+the same values are exported a second time under vLLM's names.
+
+What counts as what:
+- the histograms observe once per request (the prompt given to the engine;
+  a request with n > 1 is one request), except the inter-token latency,
+  observed once per generated token that is not the first of its
+  completion, with the gap since the request's previous step that produced
+  tokens;
+- `request_success_total{finished_reason}` counts finished completions (n
+  per request), by "stop", "length" or "abort";
+- prompt tokens are counted once per request, when its first token comes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from server.state import ServerState
+if TYPE_CHECKING:
+    from inference.engine import EngineStats
+    from inference.outputs import RequestOutput
+    from server.state import ServerState
+
+# Bucket bounds in seconds (vLLM's, so dashboards carry over).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")  # always exported, 0 until seen
+
+# key: (pagedinfer name, vLLM name or None, help). Counter names lack the
+# `_total` suffix: prometheus_client appends it.
+GAUGES = {
+    "running": ("pagedinfer_num_requests_running", "vllm:num_requests_running",
+                "Requests in the running batch"),
+    "waiting": ("pagedinfer_num_requests_waiting", "vllm:num_requests_waiting",
+                "Requests in the engine's queue, not yet scheduled"),
+    "kv_usage": ("pagedinfer_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc",
+                 "Fraction of KV-cache blocks in use, 0 to 1"),
+    "kv_waste": ("pagedinfer_kv_cache_waste_ratio", None,
+                 "Fraction of allocated KV-cache slots that hold no token"),
+    "free_blocks": ("pagedinfer_kv_cache_free_blocks", None, "Free KV-cache blocks"),
+    "total_blocks": ("pagedinfer_kv_cache_total_blocks", None, "All KV-cache blocks"),
+}
+COUNTERS = {
+    "prompt_tokens": ("pagedinfer_prompt_tokens", "vllm:prompt_tokens",
+                      "Prompt tokens of the requests that produced a token"),
+    "generation_tokens": ("pagedinfer_generation_tokens", "vllm:generation_tokens", "Generated tokens"),
+    "preemptions": ("pagedinfer_num_preemptions", "vllm:num_preemptions",
+                    "Sequences preempted to free KV cache (their work is recomputed)"),
+    "prefix_queries": ("pagedinfer_prefix_cache_queries", "vllm:prefix_cache_queries",
+                       "Prompt blocks looked up in the prefix cache"),
+    "prefix_hits": ("pagedinfer_prefix_cache_hits", "vllm:prefix_cache_hits",
+                    "Prompt blocks found in the prefix cache"),
+}
+SUCCESS = ("pagedinfer_request_success", "vllm:request_success", "Finished completions by finish reason")
+HISTOGRAMS = {
+    "ttft": ("pagedinfer_time_to_first_token_seconds", "vllm:time_to_first_token_seconds",
+             "Arrival to first generated token", TTFT_BUCKETS),
+    "itl": ("pagedinfer_inter_token_latency_seconds", "vllm:inter_token_latency_seconds",
+            "Time between consecutive tokens of a completion", ITL_BUCKETS),
+    "e2e": ("pagedinfer_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds",
+            "Arrival to finish of a request", REQUEST_BUCKETS),
+    "queue": ("pagedinfer_request_queue_time_seconds", "vllm:request_queue_time_seconds",
+              "Arrival to first being scheduled", REQUEST_BUCKETS),
+}
 
 
-class EngineCollector(Collector):
+class Histogram:
+    """Bucket counts and sum; `observe(value, count)` adds `count` equal
+    observations in O(log buckets), so a step costs one call per request."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        value = max(value, 0.0)
+        self.counts[bisect_left(self.bounds, value)] += count  # le is inclusive
+        self.sum += value * count
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        return buckets
+
+
+class EngineMetrics(Collector):
+    """Engine metrics of one server, in their own CollectorRegistry."""
+
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.model_name = state.settings.served_model_name
+        self.vllm_names = state.settings.metrics_compat == "vllm"
+        self._lock = threading.Lock()
+        self._gauges = dict.fromkeys(GAUGES, 0.0)
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._success = dict.fromkeys(FINISH_REASONS, 0)
+        self._histograms = {key: Histogram(spec[3]) for key, spec in HISTOGRAMS.items()}
+        # request id -> time of its last step with new tokens (engine thread only)
+        self._last_token_time: dict[str, float] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # ---- engine loop thread ------------------------------------------------
+
+    def record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """Account one engine step; called on the loop thread after each step."""
+        hist = self._histograms
+        with self._lock:
+            counters = self._counters
+            for output in outputs:
+                times = output.metrics
+                num_new = sum(output.new_token_counts)
+                if num_new and times is not None:
+                    now = times.last_token_time
+                    previous = self._last_token_time.get(output.request_id)
+                    if previous is None:  # the request's first tokens
+                        hist["ttft"].observe(times.first_token_time - times.arrival_time)
+                        counters["prompt_tokens"] += len(output.prompt_token_ids)
+                        previous = times.first_token_time
+                    # a completion's first token has no gap before it
+                    num_firsts = sum(1 for c, k in zip(output.outputs, output.new_token_counts)
+                                     if k and len(c.token_ids) == k)
+                    if num_new > num_firsts:
+                        hist["itl"].observe(now - previous, num_new - num_firsts)
+                    counters["generation_tokens"] += num_new
+                    self._last_token_time[output.request_id] = now
+                if output.finished:
+                    self._last_token_time.pop(output.request_id, None)
+                    if times is not None:
+                        if times.finished_time is not None:
+                            hist["e2e"].observe(times.finished_time - times.arrival_time)
+                        if times.first_scheduled_time is not None:
+                            hist["queue"].observe(times.first_scheduled_time - times.arrival_time)
+                    for completion in output.outputs:
+                        reason = completion.finish_reason or "abort"
+                        self._success[reason] = self._success.get(reason, 0) + 1
+            counters["preemptions"] = stats.num_preemptions
+            counters["prefix_queries"] = stats.prefix_cache_queries
+            counters["prefix_hits"] = stats.prefix_cache_hits
+            self._gauges.update(
+                running=stats.num_running,
+                waiting=stats.num_waiting,
+                kv_usage=stats.kv_cache_usage,
+                kv_waste=stats.kv_waste_ratio,
+                free_blocks=stats.num_free_blocks,
+                total_blocks=stats.num_total_blocks,
+            )
+
+    # ---- scrape (event loop) -----------------------------------------------
+
+    def _names(self, spec: tuple) -> list[str]:
+        ours, vllm = spec[0], spec[1]
+        return [ours, vllm] if self.vllm_names and vllm else [ours]
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("pagedinfer_ready", "1 once the model is loaded and the server takes requests",
-                                value=float(self.state.ready))
-        stats = self.state.engine.stats() if self.state.engine is not None else None
-        if stats is None:
-            return
-        gauges = {
-            "pagedinfer_num_requests_running": ("Requests in the running batch", stats.num_running),
-            "pagedinfer_num_requests_waiting": ("Requests waiting to be scheduled", stats.num_waiting),
-            "pagedinfer_kv_cache_usage_ratio": ("Used KV cache blocks / all blocks", stats.kv_cache_usage),
-            "pagedinfer_kv_cache_free_blocks": ("Free KV cache blocks", stats.num_free_blocks),
-            "pagedinfer_kv_cache_total_blocks": ("All KV cache blocks", stats.num_total_blocks),
-        }
-        for name, (documentation, value) in gauges.items():
-            yield GaugeMetricFamily(name, documentation, value=value)
-        counters = {
-            "pagedinfer_preemptions": ("Requests preempted to free KV cache", stats.num_preemptions),
-            "pagedinfer_prefix_cache_queries": ("Prompt blocks looked up in the prefix cache", stats.prefix_cache_queries),
-            "pagedinfer_prefix_cache_hits": ("Prompt blocks found in the prefix cache", stats.prefix_cache_hits),
-        }
-        for name, (documentation, value) in counters.items():
-            yield CounterMetricFamily(name, documentation, value=value)
+        label = [self.model_name]
+        with self._lock:
+            gauges = dict(self._gauges)
+            counters = dict(self._counters)
+            success = dict(self._success)
+            histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}
 
-
-def create_registry(state: ServerState) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(EngineCollector(state))
-    return registry
+        ready = GaugeMetricFamily("pagedinfer_ready", "1 once the model is loaded and the server takes requests",
+                                  labels=["model_name"])
+        ready.add_metric(label, float(self.state.ready))
+        yield ready
+        for key, spec in GAUGES.items():
+            for name in self._names(spec):
+                family = GaugeMetricFamily(name, spec[2], labels=["model_name"])
+                family.add_metric(label, float(gauges[key]))
+                yield family
+        for key, spec in COUNTERS.items():
+            for name in self._names(spec):
+                family = CounterMetricFamily(name, spec[2], labels=["model_name"])
+                family.add_metric(label, float(counters[key]))
+                yield family
+        for name in self._names(SUCCESS):
+            family = CounterMetricFamily(name, SUCCESS[2], labels=["model_name", "finished_reason"])
+            for reason, count in success.items():
+                family.add_metric([self.model_name, reason], float(count))
+            yield family
+        for key, spec in HISTOGRAMS.items():
+            buckets, total = histograms[key]
+            for name in self._names(spec):
+                family = HistogramMetricFamily(name, spec[2], labels=["model_name"])
+                family.add_metric(label, buckets, total)
+                yield family
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

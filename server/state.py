@@ -27,6 +27,7 @@ class ServerSettings:
     max_request_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 30.0
     log_prompts: bool = False
+    metrics_compat: str = "none"  # "vllm": also export vLLM's metric names
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
@@ -53,14 +54,14 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of GET /metrics, by name."""
+        """Samples of GET /metrics with no label but model_name, by name."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if set(sample.labels) <= {"model_name"}
+        }
 
     def stop(self) -> None:
         if self.process.poll() is None:
