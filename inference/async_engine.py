@@ -285,10 +285,11 @@ class AsyncLLM:
                     request_ids.clear()
                     outputs = []
                 request_ids.difference_update(o.request_id for o in outputs if o.finished)
-                if outputs:
-                    self._call_in_loop(self._deliver, outputs)
             self._stats = engine.stats()
+            # Metrics first: a client that has its output sees it in /metrics.
             self._log_stats(outputs, self._stats)
+            if outputs:
+                self._call_in_loop(self._deliver, outputs)
 
     def _log_stats(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         if self._stats_logger is None:
