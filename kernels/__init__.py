@@ -40,8 +40,11 @@ Kernel invariants (all three kernels):
 - Every `tl.load` is masked or in bounds by grid construction; -1 block ids and
   slots are clamped to 0 before they become addresses, then masked off.
 - Loads are upcast to float32 at once and accumulation is float32; results
-  are cast to the output dtype at the store. `tl.dot` tiles are >= 16 on every
-  dim (the GQA group is padded to 16 in decode).
+  are cast to the output dtype at the store. The one exception is a `tl.dot`
+  operand on CUDA, loaded in its 16-bit dtype for the tensor cores (the
+  interpreter, which gets 16-bit arithmetic wrong, upcasts those too).
+  `tl.dot` tiles are >= 16 on every dim (the GQA group is padded to 16 in
+  decode).
 - Any head_dim works: it is padded to a power of two and masked.
 - Only the last dim of query/out/key/value/caches must be contiguous; the
   other strides are passed to the kernels. Index tensors are contiguous.

@@ -27,6 +27,10 @@ Kernel invariants:
   runtime argument so a new context length does not recompile the kernel.
 - The query row of request r is `query_start_loc[r]`; a request with no query
   token (query_start_loc[r + 1] == query_start_loc[r]) writes nothing.
+- Q/K/V tiles are converted to DOT_DTYPE right after their load: float32 in
+  the interpreter (which computes 16-bit arithmetic wrongly), the 16-bit
+  storage dtype on CUDA so tiles reach the tensor cores without a round trip
+  through float32. Scores, softmax statistics and the accumulator are float32.
 - `max_seq_len` (a host int) bounds every `seq_lens[r]`; the grid is sized
   from it and no launch reads a device tensor back.
 """
@@ -66,8 +70,6 @@ def _decode_attention_kernel(
     qk_scale,  # softmax scale * log2(e): the kernel uses exp2
     group,
     num_heads,
-    head_dim,
-    block_size,
     tokens_per_split,
     num_splits,
     stride_q_tok,
@@ -82,7 +84,9 @@ def _decode_attention_kernel(
     stride_vc_head,
     stride_bt_req,
     BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # constexpr: a runtime bound on d would stop vectorised loads
     BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % are shifts
     BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -104,10 +108,9 @@ def _decode_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * group + g
     g_mask = g < group
-    d_mask = d < head_dim
+    d_mask = d < HEAD_DIM
     q_ptrs = query_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    q = q.to(DOT_DTYPE)
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -116,22 +119,22 @@ def _decode_attention_kernel(
     for start in range(split_start, split_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_mask = pos < split_end
-        block = tl.load(bt_row + pos // block_size, mask=pos_mask, other=0)
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_mask, other=0)
         block = tl.maximum(block, 0).to(tl.int64)
-        offset = pos % block_size
+        offset = pos % BLOCK_SIZE
         kv_mask = pos_mask[:, None] & d_mask[None, :]
         k_ptrs = key_cache_ptr + (block * stride_kc_block + offset * stride_kc_off + kv_head * stride_kc_head)[:, None]
-        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v_ptrs = value_cache_ptr + (block * stride_vc_block + offset * stride_vc_off + kv_head * stride_vc_head)[:, None]
-        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
 
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(pos_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
 
     store_mask = g_mask[:, None] & d_mask[None, :]
@@ -143,7 +146,7 @@ def _decode_attention_kernel(
         part = (req.to(tl.int64) * num_heads + heads) * num_splits + split
         tl.store(part_max_ptr + part, m_i, mask=g_mask)
         tl.store(part_sum_ptr + part, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=store_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
 
 
 @triton.jit
@@ -155,12 +158,12 @@ def _combine_splits_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     num_heads,
-    head_dim,
     tokens_per_split,
     num_splits,
     stride_o_tok,
     stride_o_head,
     BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # constexpr: a runtime bound on d would stop vectorised loads
     BLOCK_D: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -175,12 +178,12 @@ def _combine_splits_kernel(
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = (s < num_active) & (s < num_splits)
-    d_mask = d < head_dim
+    d_mask = d < HEAD_DIM
     part = (req.to(tl.int64) * num_heads + head) * num_splits + s
     m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf")).to(tl.float32)
     l = tl.load(part_sum_ptr + part, mask=s_mask, other=0.0).to(tl.float32)
     acc_mask = s_mask[:, None] & d_mask[None, :]
-    acc = tl.load(part_acc_ptr + part[:, None] * head_dim + d[None, :], mask=acc_mask, other=0.0).to(tl.float32)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=acc_mask, other=0.0).to(tl.float32)
 
     m_all = tl.max(m, axis=0)  # finite: split 0 always holds the request's own token
     w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
@@ -280,8 +283,6 @@ def decode_attention(
         scale * _LOG2E,
         group,
         num_heads,
-        head_dim,
-        block_size,
         tokens_per_split,
         num_splits,
         query.stride(0),
@@ -296,9 +297,11 @@ def decode_attention(
         value_cache.stride(2),
         block_tables.stride(0),
         BLOCK_G=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         DIRECT_OUT=num_splits == 1,
+        BLOCK_SIZE=block_size,
         DOT_DTYPE=dot_dtype(query),
         num_warps=4,
     )
@@ -311,12 +314,12 @@ def decode_attention(
             seq_lens,
             query_start_loc,
             num_heads,
-            head_dim,
-            tokens_per_split,
+                tokens_per_split,
             num_splits,
             out.stride(0),
             out.stride(1),
             BLOCK_S=next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             num_warps=4,
         )

@@ -31,7 +31,6 @@ def _store_kv_kernel(
     value_cache_ptr,
     slot_mapping_ptr,
     num_kv_heads,
-    head_dim,
     block_size,
     stride_k_tok,
     stride_k_head,
@@ -44,6 +43,7 @@ def _store_kv_kernel(
     stride_vc_off,
     stride_vc_head,
     BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # constexpr: a runtime bound on d would stop vectorised loads
     BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
@@ -57,7 +57,7 @@ def _store_kv_kernel(
 
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    mask = (heads < num_kv_heads) & (dims < head_dim) & valid
+    mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & valid
 
     k = tl.load(key_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(value_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask, other=0.0).to(tl.float32)
@@ -103,7 +103,6 @@ def store_kv(
         value_cache,
         slot_mapping,
         num_kv_heads,
-        head_dim,
         key_cache.shape[1],
         key.stride(0),
         key.stride(1),
@@ -116,5 +115,6 @@ def store_kv(
         value_cache.stride(1),
         value_cache.stride(2),
         BLOCK_H=next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim),
     )

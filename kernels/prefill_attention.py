@@ -22,8 +22,10 @@ Kernel invariants:
   `block_tables`, then the offset in the block), so no alignment between
   chunk, tile and cache block is assumed. Block ids of -1 are clamped to 0
   before use as addresses; positions at or past `seq_lens[r]` are masked off.
-- Loads are upcast to float32; `tl.dot` operands are cast to DOT_DTYPE
-  (16-bit on CUDA, float32 on the interpreter) and accumulate in float32.
+- Q/K/V tiles are converted to DOT_DTYPE right after their load: float32 in
+  the interpreter (which computes 16-bit arithmetic wrongly), the 16-bit
+  storage dtype on CUDA so tiles reach the tensor cores without a round trip
+  through float32. Scores, softmax statistics and the accumulator are float32.
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ def _prefill_attention_kernel(
     out_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel uses exp2
     group,
-    head_dim,
-    block_size,
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -71,7 +71,9 @@ def _prefill_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # constexpr: a runtime bound on d would stop vectorised loads
     BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % are shifts
     DOT_DTYPE: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
@@ -94,13 +96,12 @@ def _prefill_attention_kernel(
     q_pos = context_len + tok
     heads = kv_head * group + g
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < head_dim
+    d_mask = d < HEAD_DIM
     io_mask = row_mask[:, None] & d_mask[None, :]
     q_rows = (q_start + tok).to(tl.int64)
 
     q_ptrs = query_ptr + (q_rows * stride_q_tok + heads * stride_q_head)[:, None] + d[None, :]
-    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-    q = q.to(DOT_DTYPE)
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
@@ -111,23 +112,23 @@ def _prefill_attention_kernel(
     for start in range(0, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_mask = pos < kv_end
-        block = tl.load(bt_row + pos // block_size, mask=pos_mask, other=0)
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_mask, other=0)
         block = tl.maximum(block, 0).to(tl.int64)
-        offset = pos % block_size
+        offset = pos % BLOCK_SIZE
         kv_mask = pos_mask[:, None] & d_mask[None, :]
         k_ptrs = key_cache_ptr + (block * stride_kc_block + offset * stride_kc_off + kv_head * stride_kc_head)[:, None]
-        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v_ptrs = value_cache_ptr + (block * stride_vc_block + offset * stride_vc_off + kv_head * stride_vc_head)[:, None]
-        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
 
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -198,8 +199,6 @@ def prefill_attention(
         out,
         scale * _LOG2E,
         group,
-        head_dim,
-        block_size,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -214,7 +213,9 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
         DOT_DTYPE=dot_dtype(query),
         num_warps=num_warps,
     )
