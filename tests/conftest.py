@@ -76,6 +76,13 @@ def tiny_model(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-engine")
+    build_tiny_model("llama", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     from inference.prepare import check_model_dir, default_model_dir
 

@@ -1,0 +1,180 @@
+"""The engine end to end on the CPU, in float32, against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference import LLM, SamplingParams
+
+PASSAGE = (
+    "The history of computing is longer than the history of computing hardware and modern computing "
+    "technology and includes the history of methods intended for pen and paper or for chalk and slate, "
+    "with or without the aid of tables. Digital computing is intimately tied to the representation of "
+    "numbers. But long before abstractions like the number arose, there were mathematical concepts to "
+    "serve the purposes of civilization. These concepts are implicit in concrete practices such as "
+    "one-to-one correspondence, the basis of counting, comparison to a standard, used for measurement, "
+    "and the 3-4-5 right triangle, a device for assuring a right angle. "
+)
+
+
+def mixed_prompts(tokenizer, count: int = 32) -> list[list[int]]:
+    ids = tokenizer.encode(PASSAGE * 6, add_special_tokens=False)
+    lengths = [5 + (i * 395) // (count - 1) for i in range(count)]  # 5 .. 400 tokens
+    return [ids[(7 * i) % 50 : (7 * i) % 50 + n] for i, n in enumerate(lengths)]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(smollm2_dir), dtype="float32", kv_cache_memory=512 * 1024**2, max_num_batched_tokens=64)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return llm, hf
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def test_smollm2_mixed_batch_with_chunked_prefill_matches_transformers(smollm2):
+    llm, hf = smollm2
+    prompts = mixed_prompts(llm.tokenizer)
+    together = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for i in range(0, 32, 4):  # 8 prompts against transformers, alone and batched
+        expected = hf_greedy(hf, prompts[i], 12)
+        [alone] = llm.generate([prompts[i]], GREEDY, use_tqdm=False)
+        assert alone.outputs[0].token_ids == expected, f"prompt {i} alone"
+        assert together[i].outputs[0].token_ids == expected, f"prompt {i} in the batch"
+    stats = llm.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_tiny_models_mixed_batch_matches_transformers(tiny_model):
+    _, folder, hf = tiny_model
+    llm = LLM(model=str(folder), dtype="float32", num_kv_blocks=1024, max_num_batched_tokens=64)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (5 + (i * 395) // 31,), generator=gen).tolist() for i in range(32)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for i in range(0, 32, 4):
+        assert outputs[i].outputs[0].token_ids == hf_greedy(hf, prompts[i], 16)
+
+
+def test_preemption_under_a_small_pool_loses_nothing(tiny_llama_dir):
+    folder = tiny_llama_dir
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (20 + 3 * i,), generator=gen).tolist() for i in range(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    roomy = LLM(model=str(folder), dtype="float32", num_kv_blocks=512, block_size=16)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    # The batch needs ~16 * 4 blocks at its peak; give it a quarter of that.
+    tight = LLM(model=str(folder), dtype="float32", num_kv_blocks=16, block_size=16)
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    stats = tight.stats()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+    assert stats.num_preemptions > 0
+    assert stats.num_free_blocks == stats.num_total_blocks == 16
+
+
+def test_kv_waste_is_at_most_the_last_block(tiny_llama_dir):
+    folder = tiny_llama_dir
+    llm = LLM(model=str(folder), dtype="float32", num_kv_blocks=512, block_size=16)
+    engine = llm.engine
+    gen = torch.Generator().manual_seed(4)
+    for i in range(8):
+        prompt = torch.randint(0, 256, (7 + 13 * i,), generator=gen).tolist()
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    worst = 0.0
+    for _ in range(10):
+        engine.step()
+        stats = engine.stats()
+        worst = max(worst, stats.kv_waste_ratio)
+        assert stats.kv_waste_ratio <= 15 / 16
+    print(f"measured kv_waste_ratio (worst over 10 steps): {worst:.3f}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_logprobs_match_transformers(smollm2):
+    llm, hf = smollm2
+    prompt = llm.tokenizer.encode("The capital of France is")
+    [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, logprobs=5), use_tqdm=False)
+    tokens = out.outputs[0].token_ids
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0].float()
+    ref = logits.log_softmax(-1)[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+    for pos, (token, entry) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+        assert abs(entry[token].logprob - ref[pos, token].item()) < 1e-4
+        assert entry[token].rank == 1
+        top = ref[pos].topk(5)
+        for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(entry[t].logprob - lp) < 1e-4
+
+
+def test_n_samples_and_seeds(smollm2):
+    llm, _ = smollm2
+    params = SamplingParams(temperature=1.0, n=3, max_tokens=8, seed=123, ignore_eos=True)
+    [a] = llm.generate(["Tell me a story"], params, use_tqdm=False)
+    [b] = llm.generate(["Tell me a story", "Another prompt to share the batch"], params, use_tqdm=False)[:1]
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+    assert llm.stats().num_free_blocks == llm.stats().num_total_blocks
+
+
+def test_finish_reasons_and_stop_strings(smollm2):
+    llm, _ = smollm2
+    chat = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    [eos] = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=200), use_tqdm=False)
+    assert eos.outputs[0].finish_reason == "stop" and eos.outputs[0].stop_reason is None
+    [length] = llm.generate(["Count: 1, 2, 3,"], SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)
+    assert length.outputs[0].finish_reason == "length" and len(length.outputs[0].token_ids) == 5
+    [free] = llm.generate(["Count: 1, 2, 3,"], SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    text = free.outputs[0].text
+    stop = text[6:9]
+    [stopped] = llm.generate(["Count: 1, 2, 3,"], SamplingParams(temperature=0.0, max_tokens=20, stop=[stop]),
+                             use_tqdm=False)
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop
+    assert stopped.outputs[0].text == text[: text.index(stop)]
+
+
+def test_abort_frees_blocks(smollm2):
+    llm, _ = smollm2
+    engine = llm.engine
+    engine.add_request("x", "Write a long essay", SamplingParams(max_tokens=100))
+    engine.step()
+    engine.abort_request("x")
+    [out] = engine.step()
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished_requests()
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"max_tokens": -1}, "max_tokens"),
+     ({"temperature": -1.0}, "temperature"), ({"n": 0}, "n"), ({"logprobs": 21}, "logprobs")],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_and_leave_nothing_behind(smollm2):
+    llm, _ = smollm2
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+    too_long = [1] * (llm.engine.config.max_model_len + 1)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(["fine", too_long], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.stats().num_free_blocks == llm.stats().num_total_blocks
