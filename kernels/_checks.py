@@ -44,8 +44,8 @@ def check_same_device(device: torch.device, **tensors: torch.Tensor) -> None:
         assert tensor.device == device, f"{name} is on {tensor.device}, expected {device}"
 
 
-def dot_dtype(tensor: torch.Tensor):  # -> tl.dtype; Triton is imported by the caller already
-    """Operand dtype for `tl.dot` in a kernel reading `tensor`.
+def dot_dtype(dtype: torch.dtype, device: torch.device):  # -> tl.dtype; the caller has imported Triton
+    """Operand dtype for `tl.dot` in a kernel reading tensors of `dtype` on `device`.
 
     On CUDA, 16-bit operands run on the tensor cores (fp32 accumulation); fp32
     inputs use Triton's default tf32. The interpreter (CPU) computes 16-bit
@@ -53,6 +53,6 @@ def dot_dtype(tensor: torch.Tensor):  # -> tl.dtype; Triton is imported by the c
     """
     import triton.language as tl
 
-    if tensor.device.type != "cuda" or tensor.dtype == torch.float32:
+    if device.type != "cuda" or dtype == torch.float32:
         return tl.float32
-    return tl.bfloat16 if tensor.dtype == torch.bfloat16 else tl.float16
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16

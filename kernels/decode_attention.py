@@ -302,7 +302,7 @@ def decode_attention(
         BLOCK_N=block_n,
         DIRECT_OUT=num_splits == 1,
         BLOCK_SIZE=block_size,
-        DOT_DTYPE=dot_dtype(query),
+        DOT_DTYPE=dot_dtype(query.dtype, query.device),
         num_warps=4,
     )
     if num_splits > 1:

@@ -144,7 +144,7 @@ def _tile_config(group: int, head_dim: int, device: torch.device) -> tuple[int, 
     if block_q * block_g < 16:  # unreachable for rows >= 16, kept for tl.dot's minimum
         block_q = 16 // block_g
     block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if head_dim > 64 else 4
+    num_warps = 8 if block_q * block_g >= 128 else 4  # 4 warps at 128 rows come close to 255 registers
     return block_q, block_g, block_n, num_warps
 
 
@@ -216,7 +216,7 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
-        DOT_DTYPE=dot_dtype(query),
+        DOT_DTYPE=dot_dtype(query.dtype, query.device),
         num_warps=num_warps,
     )
     return out

@@ -272,6 +272,22 @@ def test_cpu_uses_reference_without_env(monkeypatch: pytest.MonkeyPatch) -> None
     torch.testing.assert_close(out[: batch.num_tokens], batch.reference(0.125)[: batch.num_tokens])
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_cuda_without_gpu() -> None:
+    """Triton's compiler (not the interpreter) accepts every launch configuration, down to sm_90 machine code."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "90"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
 def test_interpreter_cases_in_subprocess() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

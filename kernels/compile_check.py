@@ -1,0 +1,162 @@
+"""Compile the kernels for a CUDA target on a machine without a GPU.
+
+    python -m kernels.compile_check                # sm_90 (H100/H200)
+    python -m kernels.compile_check --arch 80 90
+
+The interpreter runs the kernels' arithmetic but not Triton's compiler, so it
+misses front-end errors (types, constexprs, early returns), layouts that do
+not lower, and register spills. This script calls the real wrappers on small
+CPU tensors with their CUDA choices forced (16-bit `tl.dot` operands, CUDA
+tile sizes, split-K heuristic on a 132-SM device), captures each launch
+instead of running it, and compiles it with `triton.compile` for the target,
+through ptxas, with the specialisation (16-byte divisibility of pointers and
+ints) the CUDA launcher would apply. It prints registers and stack (spill)
+bytes per kernel when cuobjdump is at hand, and exits non-zero on a failure.
+
+Invariant: run in a process where TRITON_INTERPRET is unset (interpreted
+kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+import kernels.decode_attention as decode_mod
+import kernels.kv_store as store_mod
+import kernels.prefill_attention as prefill_mod
+
+_PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
+              torch.int64: "*i64"}
+_CUDA = torch.device("cuda")
+
+
+@contextmanager
+def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None]:
+    """Make the wrappers believe they launch on CUDA, and record the launches."""
+    saved = {
+        (decode_mod, "dot_dtype"): decode_mod.dot_dtype,
+        (prefill_mod, "dot_dtype"): prefill_mod.dot_dtype,
+        (decode_mod, "_num_programs_wanted"): decode_mod._num_programs_wanted,
+        (prefill_mod, "_tile_config"): prefill_mod._tile_config,
+    }
+    kernels = (store_mod._store_kv_kernel, decode_mod._decode_attention_kernel,
+               decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel)
+    decode_mod.dot_dtype = prefill_mod.dot_dtype = lambda dtype, device: saved[(decode_mod, "dot_dtype")](dtype, _CUDA)
+    decode_mod._num_programs_wanted = lambda device: 4 * 132
+    prefill_mod._tile_config = lambda group, head_dim, device: saved[(prefill_mod, "_tile_config")](
+        group, head_dim, _CUDA)
+    for kernel in kernels:
+        kernel.run = lambda *args, _kernel=kernel, grid, warmup, **kwargs: launches.append((_kernel, args, kwargs))
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+        for kernel in kernels:
+            del kernel.run
+
+
+def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
+    """One call per distinct configuration the engine is expected to hit."""
+    with _captured_launches(launches):
+        for dtype, head_dim, group, block_size in (
+            (torch.bfloat16, 128, 4, 16),  # Llama-3-8B-like
+            (torch.float16, 64, 1, 32),
+            (torch.bfloat16, 128, 8, 16),
+        ):
+            kv_heads = 2
+            cache = torch.zeros(4, block_size, kv_heads, head_dim, dtype=dtype)
+            key = torch.zeros(8, kv_heads, head_dim, dtype=dtype)
+            store_mod.store_kv(key, key, cache, cache, torch.zeros(8, dtype=torch.int64))
+            for num_reqs, max_seq_len in ((1, 8192), (64, 200)):  # split-K and direct decode
+                query = torch.zeros(num_reqs, kv_heads * group, head_dim, dtype=dtype)
+                tables = torch.zeros(num_reqs, triton.cdiv(max_seq_len, block_size), dtype=torch.int32)
+                seq_lens = torch.full((num_reqs,), max_seq_len, dtype=torch.int32)
+                start_loc = torch.arange(num_reqs + 1, dtype=torch.int32)
+                decode_mod.decode_attention(query, cache, cache, tables, seq_lens, start_loc, max_seq_len, 0.1)
+            query = torch.zeros(512, kv_heads * group, head_dim, dtype=dtype)
+            tables = torch.zeros(1, 64, dtype=torch.int32)
+            prefill_mod.prefill_attention(
+                query, cache, cache, tables, torch.tensor([1024], dtype=torch.int32),
+                torch.tensor([0, 512], dtype=torch.int32), 512, 0.1,
+            )
+
+
+def _source(kernel: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, str]:
+    """ASTSource, compile options and a readable key for one captured launch."""
+    names = kernel.arg_names
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = bound[name]
+        if i in kernel.constexprs:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = _PTR_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    key = kernel.fn.__name__ + str(sorted((k, str(v)) for k, v in constexprs.items())) + str(options)
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), options, key
+
+
+def _resource_usage(cubin: bytes) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = lines.strip().splitlines()[-1].split() if lines.strip() else []
+    return " ".join(x for x in fields if x.startswith(("REG:", "STACK:")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 90")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+
+    launches: list[tuple[Any, tuple, dict]] = []
+    _launch_all_configs(launches)
+    failures, seen = 0, set()
+    for kernel, args_, kwargs in launches:
+        source, options, key = _source(kernel, args_, kwargs)
+        for arch in args.arch:
+            if (key, arch) in seen:
+                continue
+            seen.add((key, arch))
+            config = {k: v for k, v in source.constants.items()}
+            label = f"sm_{arch} {kernel.fn.__name__} {dict((kernel.arg_names[k[0]], str(v)) for k, v in config.items())}"
+            try:
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            except Exception as exc:  # report every failing configuration, not just the first
+                failures += 1
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}")
+                continue
+            print(f"ok   {label} smem={compiled.metadata.shared} {_resource_usage(compiled.asm['cubin'])}")
+    print(f"{len(seen) - failures} compiled, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
