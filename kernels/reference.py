@@ -33,10 +33,13 @@ def store_kv(
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[num_reqs, max_blocks] block ids -> [num_reqs, num_kv_heads, num_tokens, head_dim]."""
-    num_blocks_needed = -(-num_tokens // cache.shape[1])
-    blocks = cache[block_tables[:, :num_blocks_needed].clamp(min=0).long()]
-    num_reqs, _, block_size, num_kv_heads, head_dim = blocks.shape
-    flat = blocks.reshape(num_reqs, num_blocks_needed * block_size, num_kv_heads, head_dim)
+    num_reqs = block_tables.shape[0]
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    num_blocks_needed = -(-num_tokens // block_size)
+    ids = block_tables[:, :num_blocks_needed].clamp(min=0).flatten()
+    # index_select is several times faster than advanced indexing on the CPU.
+    blocks = torch.index_select(cache, 0, ids)
+    flat = blocks.view(num_reqs, num_blocks_needed * block_size, num_kv_heads, head_dim)
     return flat[:, :num_tokens].transpose(1, 2)
 
 
@@ -54,8 +57,13 @@ def paged_attention(
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(query)
-    num_heads = query.shape[1]
-    gqa = num_heads != key_cache.shape[2]
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    # Query heads h*group .. h*group+group-1 share KV head h. Folding the group
+    # into the query-row dim lets SDPA read each KV head once instead of
+    # expanding K and V `group` times.
+    grouped = query.view(num_tokens, num_kv_heads, group, head_dim)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
@@ -69,12 +77,9 @@ def paged_attention(
         k = _gather_context(key_cache, block_tables[rows], ctx_len).to(query.dtype)
         v = _gather_context(value_cache, block_tables[rows], ctx_len).to(query.dtype)
         token_idx = query_start_loc[rows].long()
-        q = query[token_idx].unsqueeze(2)  # [n, heads, 1, dim]
         mask = torch.arange(ctx_len, device=query.device)[None, :] < seq_lens[rows, None]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
-        )
-        out[token_idx] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(grouped[token_idx], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        out[token_idx] = o.reshape(len(decode_rows), num_heads, head_dim)
 
     for r, n in enumerate(query_lens):
         if n <= 1:
@@ -82,12 +87,11 @@ def paged_attention(
         seq_len, start = lens[r], starts[r]
         k = _gather_context(key_cache, block_tables[r : r + 1], seq_len).to(query.dtype)
         v = _gather_context(value_cache, block_tables[r : r + 1], seq_len).to(query.dtype)
-        q = query[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
-        if seq_len == n:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            q_pos = torch.arange(seq_len - n, seq_len, device=query.device)
-            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start : start + n] = o[0].transpose(0, 1)
+        # rows ordered (group member, token): [1, kv_heads, group * n, dim]
+        q = grouped[start : start + n].permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * n, head_dim)
+        q_pos = torch.arange(seq_len - n, seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
+        o = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
+        out[start : start + n] = o.reshape(n, num_heads, head_dim)
     return out
