@@ -39,6 +39,11 @@ class EngineStats:
     prefix_cache_hits: int
     prompt_tokens_computed: int
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens served from the prefix cache."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
 
 def _eos_token_ids(folder: str, tokenizer) -> tuple[int, ...]:
     ids: set[int] = set()
