@@ -152,6 +152,8 @@ class LLMEngine:
         logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
         for request, _ in sched.scheduled:
             self.outputs.mark_scheduled(request.parent_id, scheduled_at)
+            if request.request_id in result.prompt_logprobs:
+                self.outputs.process_prompt_logprobs(request.parent_id, *result.prompt_logprobs[request.request_id])
         progressed = self.scheduler.update(sched, sampled)
 
         touched = dict.fromkeys(self._pending_outputs)

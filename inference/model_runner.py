@@ -9,14 +9,15 @@ runs the LM head only on the rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
 from inference.models import load_model
-from inference.sampler import Sampler, SamplerOutput, SamplingRow
+from inference.sampler import LogprobEntry, Sampler, SamplerOutput, SamplingRow, gather_logprobs
+from inference.request import Request
 from inference.scheduler import SchedulerOutput
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,6 +27,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class RunnerOutput:
     request_ids: list[str]  # the requests that sampled, in batch order
     sampled: SamplerOutput
+    # request id -> (first prompt position predicted, entries) for requests
+    # that asked for prompt logprobs and computed prompt tokens this step
+    prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = field(default_factory=dict)
 
 
 def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -119,6 +123,7 @@ class ModelRunner:
         query_start_loc = [0]
         sample_rows: list[int] = []  # index into the flattened tokens
         rows: list[SamplingRow] = []
+        prompt_rows: list[tuple[Request, int, int, int]] = []  # request, first row, first position, count
         max_blocks = 0
         for request, num_new in output.scheduled:
             start = request.num_computed_tokens
@@ -130,6 +135,10 @@ class ModelRunner:
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + num_new)
             max_blocks = max(max_blocks, len(table))
+            # Position p's logits predict prompt token p + 1.
+            num_prompt_rows = min(end, request.num_prompt_tokens - 1) - start
+            if request.params.prompt_logprobs is not None and num_prompt_rows > 0:
+                prompt_rows.append((request, query_start_loc[-2], start, num_prompt_rows))
             if end == request.num_tokens:
                 sample_rows.append(query_start_loc[-1] - 1)
                 stop_ids = request.eos_token_ids + tuple(request.params.stop_token_ids)
@@ -155,7 +164,19 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
         hidden = self.model(ids, pos, meta)
+        prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows)
         if not rows:
-            return RunnerOutput([], SamplerOutput([], []))
+            return RunnerOutput([], SamplerOutput([], []), prompt_logprobs)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
-        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows))
+        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows), prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, prompt_rows: list[tuple[Request, int, int, int]]
+    ) -> dict[str, tuple[int, list[LogprobEntry]]]:
+        result = {}
+        for request, row, first_pos, count in prompt_rows:
+            logprobs = self.model.compute_logits(hidden[row : row + count]).float().log_softmax(dim=-1)
+            targets = torch.tensor(request.token_ids[first_pos + 1 : first_pos + count + 1], device=hidden.device)
+            entries = gather_logprobs(logprobs, targets, [request.params.prompt_logprobs] * count)
+            result[request.request_id] = (first_pos, entries)
+        return result

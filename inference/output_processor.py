@@ -34,6 +34,7 @@ class _RequestState:
     samples: list[_Sample]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -52,7 +53,8 @@ class OutputProcessor:
             for _ in range(params.n)
         ]
         self.states[request_id] = _RequestState(
-            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time)
+            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
     def _decode_logprobs(self, entry: tuple[float, int, list[int], list[float]], token_id: int) -> PositionLogprobs:
@@ -64,6 +66,15 @@ class OutputProcessor:
             if t != token_id:
                 out[t] = Logprob(lp, rank, texts[ids.index(t)])
         return out
+
+    def process_prompt_logprobs(self, parent_id: str, first_pos: int, entries: list) -> None:
+        """Prompt logprobs of one chunk; entry j scores prompt token first_pos + j + 1.
+        A chunk recomputed after preemption is already recorded and skipped."""
+        state = self.states[parent_id]
+        known = state.prompt_logprobs
+        for j, entry in enumerate(entries):
+            if first_pos + j + 1 == len(known):
+                known.append(self._decode_logprobs(entry, state.prompt_token_ids[first_pos + j + 1]))
 
     def process_token(self, request: Request, token_id: int, logprobs, now: float) -> bool:
         """Add one sampled token; True if a stop string finished the sample."""
@@ -127,6 +138,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids,
             outputs=outputs,
             finished=finished,
+            prompt_logprobs=state.prompt_logprobs,
             metrics=state.metrics,
             num_cached_tokens=state.num_cached_tokens,
             new_token_counts=new_counts,

@@ -33,11 +33,13 @@ class SamplingRow:
     sample_index: int = 0  # the n samples of a seeded request draw different streams
 
 
+LogprobEntry = tuple[float, int, list[int], list[float]]  # chosen lp, its rank, top ids, top lps
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]
-    # per row: (chosen logprob, chosen rank, top ids, top logprobs), or None
-    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+    logprobs: list[LogprobEntry | None]  # per row, None where not asked for
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -76,6 +78,19 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     return logits
+
+
+def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[LogprobEntry]:
+    """Per row: the chosen token's logprob and rank (1 = most likely), and the
+    row's top-`num_top[row]` tokens with their logprobs."""
+    top_values, top_ids = logprobs.topk(max(max(num_top), 1), dim=-1)
+    chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    ranks = (logprobs > chosen_lp[:, None]).sum(dim=-1) + 1
+    top_ids, top_values = top_ids.tolist(), top_values.tolist()
+    return [
+        (lp, rank, top_ids[j][:n], top_values[j][:n])
+        for j, (lp, rank, n) in enumerate(zip(chosen_lp.tolist(), ranks.tolist(), num_top))
+    ]
 
 
 class Sampler:
@@ -135,14 +150,8 @@ class Sampler:
 
         ids = token_ids.tolist()
         if raw_logprobs is not None:
-            max_n = max(rows[i].params.logprobs for i in wants_logprobs)
-            top_values, top_ids = raw_logprobs.topk(max(max_n, 1), dim=-1)
             chosen = torch.tensor([ids[i] for i in wants_logprobs], device=logits.device)
-            chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
-            ranks = (raw_logprobs > chosen_lp[:, None]).sum(dim=-1) + 1
-            for j, i in enumerate(wants_logprobs):
-                n = rows[i].params.logprobs
-                logprobs[i] = (
-                    chosen_lp[j].item(), int(ranks[j]), top_ids[j, :n].tolist(), top_values[j, :n].tolist()
-                )
+            entries = gather_logprobs(raw_logprobs, chosen, [rows[i].params.logprobs for i in wants_logprobs])
+            for i, entry in zip(wants_logprobs, entries):
+                logprobs[i] = entry
         return SamplerOutput(ids, logprobs)

@@ -166,8 +166,8 @@ class Scheduler:
 
     def _lookup_prefix(self, request: Request) -> list[int]:
         """Block ids of the cached prefix a request being admitted can reuse."""
-        if not self.config.enable_prefix_caching:
-            return []
+        if not self.config.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         request.block_hashes = hash_blocks(
             request.token_ids, self.block_size, request.cache_salt, request.block_hashes
         )

@@ -178,3 +178,17 @@ def test_bad_prompts_raise_and_leave_nothing_behind(smollm2):
         llm.generate(["fine", too_long], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.stats().num_free_blocks == llm.stats().num_total_blocks
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(smollm2):
+    llm, hf = smollm2
+    prompt = llm.tokenizer.encode(PASSAGE)[:150]  # three 64-token chunks
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2)
+    [out] = llm.generate([prompt], params, use_tqdm=False)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert abs(entry[prompt[pos]].logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
+        assert len(entry) <= 3
