@@ -149,7 +149,16 @@ def measure_bandwidth(device: str, nbytes: int) -> float:
     sync()
     bandwidth = 2 * x.numel() * x.element_size() * iters / (time.perf_counter() - start)
     del x, y
+    _release()
     return bandwidth
+
+
+def _release() -> None:
+    # The engine sizes its KV cache from free device memory: blocks cached by
+    # torch's allocator for earlier phases must go back first.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def drive(engine, prompts: list[list[int]], params: list, deadline: float, tag: str) -> dict:
@@ -197,6 +206,7 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
         t0 = time.perf_counter()
         result.update(write_model(folder, spec, dtype, device))
         result["write_s"] = time.perf_counter() - t0
+        _release()
         rng = np.random.default_rng(0)
         vocab = min(10_000, spec["vocab_size"])  # nano-vllm draws prompt ids below 10000
         lens = rng.integers(plan.min_len, plan.max_len + 1, size=(plan.num_requests, 2))
@@ -244,9 +254,7 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
     except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others' numbers
         result["error"] = f"{type(exc).__name__}: {exc}"[:500]
     finally:
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _release()
         shutil.rmtree(folder, ignore_errors=True)
     return result
 
@@ -274,6 +282,12 @@ def markdown(report: dict) -> str:
     if skipped:
         lines += ["", f"Skipped for the time budget: {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"
+
+
+def _write(report: dict, out: Path, start: float) -> None:
+    report["elapsed_s"] = time.perf_counter() - start
+    write_json(out / "gpu_bench.json", report)
+    (out / "gpu_bench.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,10 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_model(name, table[name], plan, args, device, bandwidth, time.perf_counter() + left * share)
         print(json.dumps(result, default=float), flush=True)
         report["models"].append(result)
-    report["elapsed_s"] = time.perf_counter() - start
-    out = Path(args.out_dir)
-    write_json(out / "gpu_bench.json", report)
-    (out / "gpu_bench.md").write_text(markdown(report))
+        _write(report, Path(args.out_dir), start)  # after each model: a hard stop keeps what is done
+    _write(report, Path(args.out_dir), start)
     print(markdown(report))
     return 0 if report["models"] and not any("error" in r for r in report["models"]) else 1
 
