@@ -56,3 +56,40 @@ def dot_dtype(dtype: torch.dtype, device: torch.device):  # -> tl.dtype; the cal
     if device.type != "cuda" or dtype == torch.float32:
         return tl.float32
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def check_attention_args(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check a paged attention call against the layout in `kernels/__init__.py`; return `out`, allocated if None."""
+    check_rank("query", query, 3)
+    check_float("query", query)
+    check_last_dim_contiguous("query", query)
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_rank(name, t, 4)
+        check_float(name, t)
+        check_last_dim_contiguous(name, t)
+        assert t.device == query.device, f"{name} is on {t.device}, query on {query.device}"
+    _, num_heads, head_dim = query.shape
+    _, _, num_kv_heads, cache_head_dim = key_cache.shape
+    assert value_cache.shape == key_cache.shape, "key_cache and value_cache shapes differ"
+    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != query head_dim {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads do not split into {num_kv_heads} KV heads"
+    num_reqs = seq_lens.shape[0]
+    check_index("block_tables", block_tables, torch.int32, 2, query.device)
+    check_index("seq_lens", seq_lens, torch.int32, 1, query.device)
+    check_index("query_start_loc", query_start_loc, torch.int32, 1, query.device)
+    assert block_tables.shape[0] == num_reqs, "block_tables needs one row per request"
+    assert query_start_loc.shape[0] == num_reqs + 1, "query_start_loc needs num_reqs + 1 entries"
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.device == query.device, "out must match query"
+    check_float("out", out)
+    check_last_dim_contiguous("out", out)
+    return out

@@ -41,14 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import (
-    check_float,
-    check_index,
-    check_last_dim_contiguous,
-    check_rank,
-    dot_dtype,
-    next_power_of_2,
-)
+from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
 
 _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its parallelism
@@ -228,29 +221,10 @@ def decode_attention(
 
     `num_splits` overrides the split heuristic (tests use it to force pass 2).
     """
-    check_rank("query", query, 3)
-    check_float("query", query)
-    check_last_dim_contiguous("query", query)
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_rank(name, t, 4)
-        check_float(name, t)
-        check_last_dim_contiguous(name, t)
-        assert t.device == query.device, f"{name} is on {t.device}, query on {query.device}"
+    out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    assert value_cache.shape == key_cache.shape, "key_cache and value_cache shapes differ"
-    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != query head_dim {head_dim}"
-    assert num_heads % num_kv_heads == 0, f"{num_heads} heads do not split into {num_kv_heads} KV heads"
+    _, block_size, num_kv_heads, _ = key_cache.shape
     num_reqs = seq_lens.shape[0]
-    check_index("block_tables", block_tables, torch.int32, 2, query.device)
-    check_index("seq_lens", seq_lens, torch.int32, 1, query.device)
-    check_index("query_start_loc", query_start_loc, torch.int32, 1, query.device)
-    assert block_tables.shape[0] == num_reqs and query_start_loc.shape[0] == num_reqs + 1
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.device == query.device, "out must match query"
-    check_float("out", out)
-    check_last_dim_contiguous("out", out)
     if num_reqs == 0 or max_seq_len == 0:
         return out
 
@@ -270,57 +244,22 @@ def decode_attention(
 
     block_d = next_power_of_2(head_dim)
     _decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        out,
-        part_max,
-        part_sum,
-        part_acc,
-        scale * _LOG2E,
-        group,
-        num_heads,
-        tokens_per_split,
-        num_splits,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        value_cache.stride(0),
-        value_cache.stride(1),
-        value_cache.stride(2),
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        part_max, part_sum, part_acc,
+        scale * _LOG2E, group, num_heads, tokens_per_split, num_splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0),
-        BLOCK_G=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
-        DIRECT_OUT=num_splits == 1,
-        BLOCK_SIZE=block_size,
-        DOT_DTYPE=dot_dtype(query.dtype, query.device),
+        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, DIRECT_OUT=num_splits == 1, DOT_DTYPE=dot_dtype(query.dtype, query.device),
         num_warps=4,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
-            out,
-            part_max,
-            part_sum,
-            part_acc,
-            seq_lens,
-            query_start_loc,
-            num_heads,
-                tokens_per_split,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            BLOCK_S=next_power_of_2(num_splits),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
+            out, part_max, part_sum, part_acc, seq_lens, query_start_loc,
+            num_heads, tokens_per_split, num_splits, out.stride(0), out.stride(1),
+            BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
             num_warps=4,
         )
     return out

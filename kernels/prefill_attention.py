@@ -34,14 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import (
-    check_float,
-    check_index,
-    check_last_dim_contiguous,
-    check_rank,
-    dot_dtype,
-    next_power_of_2,
-)
+from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
 
 _LOG2E = 1.4426950408889634
 
@@ -160,29 +153,10 @@ def prefill_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its paged context."""
-    check_rank("query", query, 3)
-    check_float("query", query)
-    check_last_dim_contiguous("query", query)
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_rank(name, t, 4)
-        check_float(name, t)
-        check_last_dim_contiguous(name, t)
-        assert t.device == query.device, f"{name} is on {t.device}, query on {query.device}"
+    out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    assert value_cache.shape == key_cache.shape, "key_cache and value_cache shapes differ"
-    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != query head_dim {head_dim}"
-    assert num_heads % num_kv_heads == 0, f"{num_heads} heads do not split into {num_kv_heads} KV heads"
+    _, block_size, num_kv_heads, _ = key_cache.shape
     num_reqs = seq_lens.shape[0]
-    check_index("block_tables", block_tables, torch.int32, 2, query.device)
-    check_index("seq_lens", seq_lens, torch.int32, 1, query.device)
-    check_index("query_start_loc", query_start_loc, torch.int32, 1, query.device)
-    assert block_tables.shape[0] == num_reqs and query_start_loc.shape[0] == num_reqs + 1
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.device == query.device, "out must match query"
-    check_float("out", out)
-    check_last_dim_contiguous("out", out)
     if num_reqs == 0 or max_query_len == 0:
         return out
 
@@ -190,33 +164,14 @@ def prefill_attention(
     block_q, block_g, block_n, num_warps = _tile_config(group, head_dim, query.device)
     grid = (triton.cdiv(max_query_len, block_q), num_reqs, num_kv_heads)
     _prefill_attention_kernel[grid](
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        out,
-        scale * _LOG2E,
-        group,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        value_cache.stride(0),
-        value_cache.stride(1),
-        value_cache.stride(2),
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * _LOG2E, group,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0),
-        BLOCK_Q=block_q,
-        BLOCK_G=block_g,
-        BLOCK_N=block_n,
-        HEAD_DIM=head_dim,
-        BLOCK_D=next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size,
-        DOT_DTYPE=dot_dtype(query.dtype, query.device),
+        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, DOT_DTYPE=dot_dtype(query.dtype, query.device),
         num_warps=num_warps,
     )
     return out
