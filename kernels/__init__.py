@@ -35,6 +35,10 @@ variable set this package sets `TRITON_INTERPRET=1` when it imports Triton
 itself; if something imported Triton earlier without it, the CPU call raises
 and says so. Triton is imported lazily, on the first Triton call, so `import
 kernels` works where Triton is not installed (the references need only torch).
+The store kernel lives in `kv_store.py`, not `store_kv.py`: importing a
+submodule binds it on the package, which would replace the `store_kv` function.
+`python -m kernels.compile_check` compiles every launch configuration for a
+CUDA target without a GPU (the interpreter does not exercise Triton's compiler).
 
 Kernel invariants (all three kernels):
 - Every `tl.load` is masked or in bounds by grid construction; -1 block ids and
@@ -45,7 +49,10 @@ Kernel invariants (all three kernels):
   interpreter, which gets 16-bit arithmetic wrong, upcasts those too).
   `tl.dot` tiles are >= 16 on every dim (the GQA group is padded to 16 in
   decode).
-- Any head_dim works: it is padded to a power of two and masked.
+- Any head_dim works: it is padded to a power of two and masked. head_dim
+  and block_size are constexprs (one compile per model), the lengths are not.
+- `max_query_len`/`max_seq_len` bound `query_start_loc` diffs and `seq_lens`:
+  grids are sized from them, so a larger actual value would be cut off.
 - Only the last dim of query/out/key/value/caches must be contiguous; the
   other strides are passed to the kernels. Index tensors are contiguous.
 - Output rows that belong to no request (past `query_start_loc[-1]`) are never
