@@ -39,7 +39,9 @@ async def _finish_loading(state: ServerState) -> None:
 
     config = state.engine.config
     state.max_model_len = config.max_model_len
-    state.tokenizer = await state.run_tokenizer(AutoTokenizer.from_pretrained, config.model)
+    tokenizer = await state.run_tokenizer(AutoTokenizer.from_pretrained, config.model)
+    state.vocab_size = len(tokenizer)
+    state.tokenizer = tokenizer  # last: a loaded tokenizer makes the server ready
     logger.info("model %s loaded (max_model_len %d); ready", state.settings.served_model_name, config.max_model_len)
 
 

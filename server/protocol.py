@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams
 
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # samples per prompt: n multiplies engine work, so it is bounded
 INT64 = 2**63 - 1
 
@@ -87,15 +88,20 @@ class SamplingRequest(_Request):
             except ValueError:
                 raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
         defaults = SamplingParams()
+
+        def given_or_default(name: str) -> Any:  # null in the request means the default
+            value = getattr(self, name)
+            return getattr(defaults, name) if value is None else value
+
         return SamplingParams(
             n=self.n,
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=defaults.top_p if self.top_p is None else self.top_p,
-            top_k=defaults.top_k if self.top_k is None else self.top_k,
-            min_p=defaults.min_p if self.min_p is None else self.min_p,
-            repetition_penalty=defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
+            temperature=given_or_default("temperature"),
+            top_p=given_or_default("top_p"),
+            top_k=given_or_default("top_k"),
+            min_p=given_or_default("min_p"),
+            repetition_penalty=given_or_default("repetition_penalty"),
+            presence_penalty=given_or_default("presence_penalty"),
+            frequency_penalty=given_or_default("frequency_penalty"),
             logit_bias=logit_bias,
             seed=self.seed,
             max_tokens=max_tokens,
@@ -112,7 +118,7 @@ class SamplingRequest(_Request):
 
 class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = None
     echo: bool = False
 

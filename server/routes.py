@@ -75,13 +75,10 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
-    engine = state.engine
-    card = ModelCard(
-        id=state.settings.served_model_name,
-        created=state.started,
-        root=engine.config.model if engine is not None and engine.config is not None else state.settings.served_model_name,
-        max_model_len=state.max_model_len or None,
-    )
+    name = state.settings.served_model_name
+    config = state.engine.config if state.engine is not None else None  # None until loaded
+    card = ModelCard(id=name, created=state.started, root=config.model if config else name,
+                     max_model_len=config.max_model_len if config else None)
     return ModelList(data=[card])
 
 
@@ -111,7 +108,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _loaded_state(request, body.model)
-    vocab_size = len(state.tokenizer)
+    vocab_size = state.vocab_size
     if any(not 0 <= token_id < vocab_size for token_id in body.tokens):
         raise APIError(400, f"tokens must be token ids in [0, {vocab_size})", param="tokens")
     return DetokenizeResponse(prompt=await state.run_tokenizer(state.tokenizer.decode, body.tokens))

@@ -89,7 +89,7 @@ def build_params(
     except ValueError as exc:
         raise bad_request(exc, KNOWN_PARAMS) from exc
     # The sampler indexes logits with these ids, so they must be in the vocabulary.
-    vocab_size = len(state.tokenizer)
+    vocab_size = state.vocab_size
     for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
         if any(token_id >= vocab_size for token_id in token_ids):
             raise APIError(400, f"{name} holds token ids outside [0, {vocab_size})", param=name)

@@ -13,7 +13,13 @@ from starlette.responses import Response, StreamingResponse
 
 from inference.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from server.errors import APIError
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from server.serving_common import (
     StreamTracker,
     add_requests,
@@ -30,9 +36,6 @@ from server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-
-
 @dataclass(slots=True)
 class Prompt:
     token_ids: list[int]
@@ -48,7 +51,8 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     return list(prompt)
 
 
-def _tokenize(tokenizer, prompts: list[str | list[int]], echo: bool, want_token_strs: bool) -> list[Prompt]:
+def _tokenize(tokenizer, vocab_size: int, prompts: list[str | list[int]], echo: bool,
+              want_token_strs: bool) -> list[Prompt]:
     """Runs on the tokenizer thread."""
     result = []
     for prompt in prompts:
@@ -56,7 +60,7 @@ def _tokenize(tokenizer, prompts: list[str | list[int]], echo: bool, want_token_
             token_ids, text = tokenizer.encode(prompt), prompt
         else:
             token_ids, text = list(prompt), ""
-            if echo and all(0 <= t < len(tokenizer) for t in token_ids):
+            if echo and all(0 <= t < vocab_size for t in token_ids):
                 text = tokenizer.decode(token_ids)
         token_strs = tokenizer.batch_decode([[t] for t in token_ids]) if want_token_strs else []
         result.append(Prompt(token_ids, text, token_strs))
@@ -99,10 +103,12 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     engine = admit(state, request.model)
     prompt_inputs = _prompt_list(request.prompt)
     echo_logprobs = request.echo and request.logprobs is not None
-    prompts = await state.run_tokenizer(_tokenize, state.tokenizer, prompt_inputs, request.echo, echo_logprobs)
+    prompts = await state.run_tokenizer(
+        _tokenize, state.tokenizer, state.vocab_size, prompt_inputs, request.echo, echo_logprobs
+    )
     if state.settings.log_prompts:
         logger.info("completion prompts: %r", [p.text for p in prompts])
-    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     engine_inputs = [
         (p.token_ids, build_params(
             state, request, num_prompt_tokens=len(p.token_ids), max_tokens=max_tokens, prompt_param="prompt",
@@ -144,7 +150,8 @@ async def _stream(request: CompletionRequest, prompts: list[Prompt], streams, re
             text = prompt.text + delta.text if echo else delta.text
             logprobs = _choice_logprobs(request, prompt, output, delta.sample, delta.first_new_token, echo, offset)
             text_offsets[delta.index] = offset + len(text)
-            choice = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+            choice = CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
+                                      finish_reason=delta.finish_reason)
             yield CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
     if request.include_usage:
         yield CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=tracker.usage())

@@ -39,6 +39,7 @@ class ServerState:
     # engine's instance belongs to the engine thread.
     tokenizer: PreTrainedTokenizerBase | None = None
     max_model_len: int = 0
+    vocab_size: int = 0  # token ids the tokenizer knows: [0, vocab_size)
     draining: bool = False
     started: int = field(default_factory=lambda: int(time.time()))
     # One thread for tokenizing and chat templates: long prompts stay off the
