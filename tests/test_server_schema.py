@@ -61,7 +61,9 @@ def test_completion_echo_with_logprobs(http):
     validate(body, "EchoLogprobsCompletionResponse")
     choice = body["choices"][0]
     assert choice["text"].startswith("Hello there")
-    assert choice["logprobs"]["token_logprobs"][0] is None
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert token_logprobs[0] is None  # nothing precedes the first prompt token
+    assert all(isinstance(lp, float) for lp in token_logprobs[1:])
     assert len(choice["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"] + 3
 
 
