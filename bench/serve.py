@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a file: make `bench.` imports resolve
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from bench.common import (
     Request, Workload, add_workload_args, build_requests, default_model, git_commit, load_tokenizer, machine_info,
@@ -150,7 +151,10 @@ async def _run(requests: list[Request], cfg: ClientConfig, max_concurrency: int 
                 return await send_request(client, cfg, req, req.output_len)
             finally:
                 in_flight -= 1
+                bar.update()
 
+    # disable=None: a bar on a terminal, nothing in logs and tests.
+    bar = tqdm(total=len(requests), desc="requests", disable=None, leave=False)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -173,6 +177,7 @@ async def _run(requests: list[Request], cfg: ClientConfig, max_concurrency: int 
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+    bar.close()
     results = []
     for req, task in zip(requests, tasks):
         if task in done:
