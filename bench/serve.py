@@ -131,7 +131,7 @@ async def send_request(client: httpx.AsyncClient, cfg: ClientConfig, req: Reques
         result.success = chunks > 0
         if not result.success:
             result.error = "stream ended with no token"
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # network, bad JSON, odd chunks
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     return result
 
