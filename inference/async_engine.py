@@ -266,6 +266,8 @@ class AsyncLLM:
             self._call_in_loop(self._fail_all, EngineDeadError(f"engine loop died: {exc!r}"))
 
     def _serve(self, engine: LLMEngine) -> None:
+        from inference.engine import StepError
+
         request_ids: set[str] = set()  # requests the engine holds
         while True:
             if not self._apply_commands(engine, request_ids, block=not engine.has_unfinished_requests()):
@@ -274,10 +276,16 @@ class AsyncLLM:
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
+                except StepError as exc:
+                    # Only the requests of the failed step are lost.
+                    logger.exception("engine step failed; failing %d requests", len(exc.request_ids))
+                    self._call_in_loop(self._fail, exc.request_ids, RequestFailedError(str(exc)))
+                    request_ids.difference_update(exc.request_ids)
+                    outputs = []
                 except Exception as exc:
-                    # The engine does not say which requests were in the failed
-                    # step, so every request it holds is failed and aborted;
-                    # the loop and later requests go on.
+                    # Failed outside the forward pass: which requests are hurt
+                    # is unknown, so every request it holds is failed and
+                    # aborted; the loop and later requests go on.
                     logger.exception("engine step failed; failing %d requests", len(request_ids))
                     for request_id in request_ids:
                         engine.abort_request(request_id)

@@ -45,6 +45,15 @@ class EngineStats:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
+class StepError(RuntimeError):
+    """The forward pass failed; the requests in that step were aborted, the
+    engine itself is still usable."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
 def _eos_token_ids(folder: str, tokenizer) -> tuple[int, ...]:
     ids: set[int] = set()
     try:
@@ -118,6 +127,9 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}, "
                 f"together over max_model_len {max_len}"
             )
+        bad_ids = [t for t in [*(params.logit_bias or {}), *params.stop_token_ids] if t >= self.vocab_size]
+        if bad_ids:
+            raise ValueError(f"logit_bias and stop_token_ids must be token ids below {self.vocab_size}, got {bad_ids[0]}")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n is {params.n}, over max_num_seqs {self.config.max_num_seqs}")
 
@@ -146,7 +158,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         scheduled_at = time.monotonic()  # queue time ends here, before the forward pass
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:
+            parent_ids = list(dict.fromkeys(r.parent_id for r, _ in sched.scheduled))
+            for parent_id in parent_ids:
+                self.abort_request(parent_id)
+            raise StepError(parent_ids, exc) from exc
         now = time.monotonic()
         sampled = dict(zip(result.request_ids, result.sampled.token_ids))
         logprobs = dict(zip(result.request_ids, result.sampled.logprobs))

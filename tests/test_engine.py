@@ -192,3 +192,29 @@ def test_prompt_logprobs_match_transformers_across_chunks(smollm2):
         entry = out.prompt_logprobs[pos]
         assert abs(entry[prompt[pos]].logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
         assert len(entry) <= 3
+
+
+def test_a_failed_forward_aborts_only_that_step(tiny_llama_dir):
+    from inference.engine import StepError
+
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=64)
+    engine = llm.engine
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+    real_execute = engine.runner.execute
+    engine.runner.execute = lambda output: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(StepError) as info:
+        engine.step()
+    assert info.value.request_ids == ["a"]
+    engine.runner.execute = real_execute
+    [out] = engine.step()
+    assert out.outputs[0].finish_reason == "abort" and not engine.has_unfinished_requests()
+    assert engine.stats().num_free_blocks == 64
+    [ok] = llm.generate([[4, 5]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(ok.outputs[0].token_ids) == 2
+
+
+def test_out_of_vocab_ids_in_params_are_rejected(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=16)
+    for params in (SamplingParams(logit_bias={10**6: 1.0}), SamplingParams(stop_token_ids=[10**6])):
+        with pytest.raises(ValueError, match="below"):
+            llm.generate([[1, 2]], params, use_tqdm=False)
