@@ -170,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--concurrency", default="1,16,64")
     add_workload_args(parser)
-    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(10, 4 x c))")
+    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x c))")
     parser.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (vLLM compiles first)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per level")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds per level; requests still running then count as failed")
     parser.add_argument("--results-md", default=str(REPO_ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--plot-dir", default=str(REPO_ROOT / "bench" / "plots"))
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "bench" / "out"), help="JSON and server logs")

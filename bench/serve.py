@@ -45,7 +45,7 @@ class ClientConfig:
     ignore_eos: bool = True
     temperature: float = 0.0
     request_timeout_s: float = 600.0
-    total_timeout_s: float = 1800.0  # per level; unfinished requests count as failed
+    total_timeout_s: float = 900.0  # per level; unfinished requests count as failed
     api_key: str | None = None
     warmup: bool = True
 
@@ -67,8 +67,8 @@ class RequestResult:
 
 
 def auto_num_prompts(concurrency: int | None) -> int:
-    """Enough requests for a few waves at this concurrency, few enough for 2 cores."""
-    return max(10, 4 * concurrency) if concurrency else 64
+    """Two waves at this concurrency, so the batch runs full for a while; few enough for 2 cores."""
+    return max(8, 2 * concurrency) if concurrency else 64
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
     add_workload_args(parser)
     parser.add_argument("--num-prompts", type=int, default=None,
-                        help="per level (default: max(10, 4 x concurrency); 64 when unbounded)")
+                        help="per level (default: max(8, 2 x concurrency); 64 when unbounded)")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson rate, req/s (inf: all at once)")
     parser.add_argument("--max-concurrency", default="none", help="comma list; 'none' = unbounded")
     parser.add_argument("--prompt-format", choices=["text", "ids"], default="text")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per level, all requests")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per level, all requests")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--label", default="", help="name in plots and JSON")

@@ -10,7 +10,8 @@
 #  - AMX options OFF: with NATIVE off ggml would emit AMX code unconditionally,
 #    which faults on CPUs without AMX.
 #  - LLAMA_CURL=OFF (older trees) and LLAMA_OPENSSL=OFF (newer): no downloads.
-#  - Only the llama-server target is built: ~11 minutes on 2 cores.
+#  - Only the llama-server target is built: ~11 minutes on 2 idle cores
+#    (20 at nice 19 on a busy box).
 #
 # Usage: bash bench/peers/llama_cpp.sh [MODEL_DIR [OUTTYPE]]
 #   MODEL_DIR defaults to the prepared SmolLM2 folder, OUTTYPE to bf16.
