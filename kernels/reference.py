@@ -17,6 +17,12 @@ import torch
 import torch.nn.functional as F
 
 
+# Decode grouping: measured on a 2-core CPU, 4 groups of >= 16 rows beat one
+# padded call and per-request calls alike.
+_MAX_DECODE_GROUPS = 4
+_MIN_DECODE_GROUP = 16
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -68,18 +74,22 @@ def paged_attention(
     lens = seq_lens.tolist()
     query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
 
-    # Decode rows (one query token) are batched into one padded SDPA call: on
-    # the CPU the per-call overhead, not the FLOPs, dominates small decodes.
-    decode_rows = [r for r, n in enumerate(query_lens) if n == 1]
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=query.device)
-        ctx_len = max(lens[r] for r in decode_rows)
+    # Decode rows (one query token) are batched into padded SDPA calls: on the
+    # CPU the per-call overhead dominates small decodes. Rows are sorted by
+    # context length and split into a few groups so that short contexts are
+    # not padded to the longest one in the batch.
+    decode_rows = sorted((r for r, n in enumerate(query_lens) if n == 1), key=lens.__getitem__)
+    group_size = max(_MIN_DECODE_GROUP, -(-len(decode_rows) // _MAX_DECODE_GROUPS))
+    for first in range(0, len(decode_rows), group_size):
+        rows_list = decode_rows[first : first + group_size]
+        rows = torch.tensor(rows_list, device=query.device)
+        ctx_len = lens[rows_list[-1]]
         k = _gather_context(key_cache, block_tables[rows], ctx_len).to(query.dtype)
         v = _gather_context(value_cache, block_tables[rows], ctx_len).to(query.dtype)
         token_idx = query_start_loc[rows].long()
         mask = torch.arange(ctx_len, device=query.device)[None, :] < seq_lens[rows, None]
         o = F.scaled_dot_product_attention(grouped[token_idx], k, v, attn_mask=mask[:, None, None, :], scale=scale)
-        out[token_idx] = o.reshape(len(decode_rows), num_heads, head_dim)
+        out[token_idx] = o.reshape(len(rows_list), num_heads, head_dim)
 
     for r, n in enumerate(query_lens):
         if n <= 1:
