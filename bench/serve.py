@@ -159,9 +159,12 @@ async def _run(requests: list[Request], cfg: ClientConfig, max_concurrency: int 
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         if cfg.warmup:
-            # Reversed so it warms the server without seeding the prefix cache.
+            # Rotated by half so it warms the server without seeding the prefix
+            # cache; reversed text would tokenize to far more tokens.
             r = requests[0]
-            warm = Request(r.prompt_ids[::-1], 4, (r.prompt_text or "")[::-1] or None)
+            ids, text = r.prompt_ids, r.prompt_text or ""
+            half_ids, half_text = len(ids) // 2, len(text) // 2
+            warm = Request(ids[half_ids:] + ids[:half_ids], 4, (text[half_text:] + text[:half_text]) or None)
             result = await send_request(client, cfg, warm, 4)
             if not result.success:
                 raise RuntimeError(f"warm-up request failed: {result.error}")

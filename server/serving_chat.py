@@ -116,7 +116,7 @@ async def _stream(request: ChatCompletionRequest, streams: list[RequestStream], 
     # As OpenAI does, each choice opens with the role and empty content.
     for index in range(request.n):
         yield chunk([ChatStreamChoice(index=index, delta=Delta(role="assistant", content=""))])
-    tracker = StreamTracker(request.n, every_token=request.logprobs)
+    tracker = StreamTracker(request.n)
     num_top = request.top_logprobs or 0
     async for _, output in merge_streams(streams):
         for delta in tracker.deltas(0, output):

@@ -182,11 +182,13 @@ class SampleDelta:
 
 class StreamTracker:
     """Turns the engine's cumulative outputs into per-choice deltas; each
-    choice reports its finish reason exactly once."""
+    choice reports its finish reason exactly once. A step that added tokens
+    gives a delta even when they add no text yet (a special token skipped, a
+    UTF-8 character still incomplete, a possible stop string held back), so
+    clients see every token arrive, as vLLM streams them."""
 
-    def __init__(self, n: int, every_token: bool) -> None:
+    def __init__(self, n: int) -> None:
         self.n = n
-        self.every_token = every_token  # emit token-only deltas too (for logprobs)
         self.finals: dict[int, RequestOutput] = {}
         self._num_chars: dict[int, int] = {}
         self._num_tokens: dict[int, int] = {}
@@ -204,7 +206,7 @@ class StreamTracker:
             num_tokens = self._num_tokens.get(index, 0)
             reason = finish_reason(sample)
             text = sample.text[num_chars:]
-            has_news = bool(text) or (self.every_token and len(sample.token_ids) > num_tokens)
+            has_news = bool(text) or len(sample.token_ids) > num_tokens
             if not has_news and reason is None:
                 continue
             deltas.append(SampleDelta(index, sample, text, num_tokens, index not in self._num_tokens, reason))

@@ -140,7 +140,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
 
 async def _stream(request: CompletionRequest, prompts: list[Prompt], streams, request_id: str, created: int,
                   model: str) -> AsyncIterator[CompletionResponse]:
-    tracker = StreamTracker(request.n, every_token=request.logprobs is not None)
+    tracker = StreamTracker(request.n)
     text_offsets: dict[int, int] = {}
     async for prompt_index, output in merge_streams(streams):
         prompt = prompts[prompt_index]

@@ -25,3 +25,18 @@ def test_console_script_parses():
 
     args = build_parser().parse_args(["generate", "hi", "--max-tokens", "3"])
     assert args.max_tokens == 3 and args.prompt == "hi"
+
+
+def test_generate_command_runs_the_engine(tiny_llama_dir):
+    from inference import LLM, SamplingParams
+
+    prompt = "hello"
+    [expected] = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=32).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "generate", prompt, "--max-tokens", "5",
+         "--model", str(tiny_llama_dir), "--num-kv-blocks", "32"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert result.stdout.rstrip("\n") == expected.outputs[0].text
