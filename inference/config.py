@@ -82,6 +82,10 @@ class EngineConfig:
         max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 512)
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if gpu_memory_utilization is not None and not on_gpu:
+            raise ValueError("gpu_memory_utilization needs a GPU; on the CPU give kv_cache_memory or num_kv_blocks")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None and gpu_memory_utilization is None:
             gpu_memory_utilization = 0.9
         if not on_gpu and num_kv_blocks is None and kv_cache_memory is None:

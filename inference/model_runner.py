@@ -48,7 +48,7 @@ class ModelRunner:
         self.model = load_model(config.model, hf_config, self.dtype, config.device)
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)
-        self.kv_caches = self._allocate_kv_cache(hf_config)
+        self.kv_caches = self._allocate_kv_cache()
 
     def _num_kv_blocks(self, hf_config) -> int:
         config = self.config
@@ -58,36 +58,52 @@ class ModelRunner:
         if config.kv_cache_memory is not None:
             budget = config.kv_cache_memory
         else:
-            # GPU: what is left of the utilization target after the weights
-            # and a profiling forward at the largest step.
-            self._profile_forward()
-            free, total = torch.cuda.mem_get_info()
-            used = total - free
-            budget = int(total * config.gpu_memory_utilization) - used
+            budget = self._gpu_kv_budget()
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget {budget} bytes holds no {per_block}-byte block")
         return num_blocks
 
-    def _profile_forward(self) -> None:
-        num_tokens = self.config.max_num_batched_tokens
-        dummy = (torch.empty(1, self.block_size, 1, self.model.head_dim, device=self.device, dtype=self.dtype),) * 2
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = dummy
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([1], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=self.device),
-            max_query_len=1,
-            max_seq_len=1,
-        )
-        with torch.inference_mode():
-            ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-            self.model(ids, ids, meta)
+    def _gpu_kv_budget(self) -> int:
+        """What the utilization target leaves after the weights, the peak
+        activations of the largest step and memory torch does not manage."""
+        torch.cuda.reset_peak_memory_stats()
+        self.profile_forward()
         torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        not_torch = max(total - free - torch.cuda.memory_reserved(), 0)
+        return int(total * self.config.gpu_memory_utilization) - torch.cuda.max_memory_allocated() - not_torch
 
-    def _allocate_kv_cache(self, hf_config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @torch.inference_mode()
+    def profile_forward(self) -> torch.Tensor:
+        """One prefill of `max_num_batched_tokens` tokens into a scratch cache,
+        the largest step the scheduler can build; returns its last logits."""
+        num_tokens = self.config.max_num_batched_tokens
+        attn = self.model.layers[0].self_attn
+        num_blocks = -(-num_tokens // self.block_size)
+        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        bound = [layer.self_attn.kv_cache for layer in self.model.layers]
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = (
+                torch.empty(shape, device=self.device, dtype=self.dtype),
+                torch.empty(shape, device=self.device, dtype=self.dtype),
+            )
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
+        positions = torch.arange(num_tokens, device=self.device)
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, meta)
+        logits = self.model.compute_logits(hidden[-1:])
+        for layer, kv_cache in zip(self.model.layers, bound):
+            layer.self_attn.kv_cache = kv_cache
+        return logits
+
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         attn = self.model.layers[0].self_attn
         shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
         caches = []

@@ -218,3 +218,12 @@ def test_out_of_vocab_ids_in_params_are_rejected(tiny_llama_dir):
     for params in (SamplingParams(logit_bias={10**6: 1.0}), SamplingParams(stop_token_ids=[10**6])):
         with pytest.raises(ValueError, match="below"):
             llm.generate([[1, 2]], params, use_tqdm=False)
+
+
+def test_profiling_forward_runs_the_largest_step(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=8, max_num_batched_tokens=100)
+    runner = llm.engine.runner
+    logits = runner.profile_forward()
+    assert logits.shape == (1, 384) and torch.isfinite(logits).all()
+    [out] = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
