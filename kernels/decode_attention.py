@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
+from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its parallelism
@@ -112,23 +113,15 @@ def _decode_attention_kernel(
     for start in range(split_start, split_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_mask = pos < split_end
-        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_mask, other=0)
-        block = tl.maximum(block, 0).to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = pos_mask[:, None] & d_mask[None, :]
-        k_ptrs = key_cache_ptr + (block * stride_kc_block + offset * stride_kc_off + kv_head * stride_kc_head)[:, None]
-        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v_ptrs = value_cache_ptr + (block * stride_vc_block + offset * stride_vc_off + kv_head * stride_vc_head)[:, None]
-        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        k, v = load_kv_tile(
+            key_cache_ptr, value_cache_ptr, bt_row, pos, pos_mask, d, d_mask, kv_head,
+            stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
+            BLOCK_SIZE, DOT_DTYPE,
+        )
 
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(pos_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 
     store_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT_OUT:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
+from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
 
@@ -105,24 +106,16 @@ def _prefill_attention_kernel(
     for start in range(0, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_mask = pos < kv_end
-        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_mask, other=0)
-        block = tl.maximum(block, 0).to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = pos_mask[:, None] & d_mask[None, :]
-        k_ptrs = key_cache_ptr + (block * stride_kc_block + offset * stride_kc_off + kv_head * stride_kc_head)[:, None]
-        k = tl.load(k_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v_ptrs = value_cache_ptr + (block * stride_vc_block + offset * stride_vc_off + kv_head * stride_vc_head)[:, None]
-        v = tl.load(v_ptrs + d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        k, v = load_kv_tile(
+            key_cache_ptr, value_cache_ptr, bt_row, pos, pos_mask, d, d_mask, kv_head,
+            stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
+            BLOCK_SIZE, DOT_DTYPE,
+        )
 
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 
     o = acc / l_i[:, None]
     o_ptrs = out_ptr + (q_rows * stride_o_tok + heads * stride_o_head)[:, None] + d[None, :]
