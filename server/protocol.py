@@ -139,6 +139,19 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+def _no_tools(value: list[Any] | None) -> list[Any] | None:
+    if value:
+        raise ValueError("tool calling is not supported by this server")
+    return value
+
+
+def _text_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    # Silently ignoring a JSON format would hand the client text it cannot parse.
+    if value and value.get("type", "text") != "text":
+        raise ValueError(f"response_format type {value.get('type')!r} is not supported; only 'text' is")
+    return value
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -146,6 +159,8 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+    response_format: Annotated[dict[str, Any] | None, AfterValidator(_text_format)] = None
 
 
 class TokenizeRequest(_Request):

@@ -53,6 +53,10 @@ CASES = [
     ("unknown model", C, {"json": {"prompt": "x", "model": "gpt-9"}}, 404, "model"),
     ("chat missing messages", CHAT, {"json": {"max_tokens": 2}}, 400, "messages"),
     ("chat empty messages", CHAT, {"json": {"messages": []}}, 400, "messages"),
+    ("chat tools", CHAT, {"json": {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}},
+     400, "tools"),
+    ("chat json response format", CHAT, {"json": {"messages": USER, "response_format": {"type": "json_object"}}},
+     400, "response_format"),
     ("chat bad role", CHAT, {"json": {"messages": [{"role": "wizard", "content": "x"}]}}, 400, "messages.0.role"),
     ("chat content wrong type", CHAT, {"json": {"messages": [{"role": "user", "content": 7}]}}, 400, None),
     ("chat image part", CHAT, {"json": {"messages": [{"role": "user", "content": [
@@ -111,3 +115,10 @@ def test_server_healthy_after_bad_inputs(server):
     with server.client() as client:
         assert client.get("/health").status_code == 200
         assert client.post(C, json={"prompt": "Still fine?", "max_tokens": 2}).status_code == 200
+
+
+def test_plain_text_format_and_no_tools_are_accepted():
+    from server.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(messages=USER, tools=[], response_format={"type": "text"})
+    assert request.tools == [] and request.response_format == {"type": "text"}
