@@ -5,13 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference import LLM, SamplingParams
 from inference.block_manager import hash_blocks
-from inference.request import RequestStatus
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -44,6 +42,7 @@ def test_multi_turn_chat_reuses_all_full_blocks_of_the_previous_turn(engines):
     llm = engines[0]
     rng = random.Random(1)
     conversation = [rng.randrange(256) for _ in range(37)]
+    previous_full_blocks = 0
     for turn in range(4):
         [out] = llm.generate([conversation], GREEDY, use_tqdm=False)
         if turn:
