@@ -54,6 +54,11 @@ class StepError(RuntimeError):
         self.request_ids = request_ids
 
 
+def sample_request_id(request_id: str, index: int) -> str:
+    """Scheduler id of sample `index` of a caller's request; sample 0 keeps the id."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 def _eos_token_ids(folder: str, tokenizer) -> tuple[int, ...]:
     ids: set[int] = set()
     try:
@@ -100,9 +105,8 @@ class LLMEngine:
         arrival = time.monotonic() if arrival_time is None else arrival_time
 
         def sample(index: int) -> Request:
-            rid = request_id if index == 0 else f"{request_id}#{index}"
             return Request(
-                rid, request_id, index, token_ids, params, self.eos_token_ids,
+                sample_request_id(request_id, index), request_id, index, token_ids, params, self.eos_token_ids,
                 arrival, priority, cache_salt,
             )
 
@@ -139,7 +143,7 @@ class LLMEngine:
             return
         now = time.monotonic()
         for index in range(len(state.samples)):
-            rid = request_id if index == 0 else f"{request_id}#{index}"
+            rid = sample_request_id(request_id, index)
             request = self.scheduler.requests.get(rid)
             if request is not None:
                 self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
@@ -179,10 +183,12 @@ class LLMEngine:
         for request in progressed:
             touched[request.parent_id] = None
             token_id = request.token_ids[-1]
-            if self.outputs.process_token(request, token_id, logprobs.get(request.request_id), now):
+            stopped = self.outputs.process_token(request, token_id, logprobs.get(request.request_id), now)
+            if stopped:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             if request.status.finished:
-                self.outputs.finish(request, request.status.value, now)
+                # A stop string on the last allowed token still reads "stop".
+                self.outputs.finish(request, "stop" if stopped else request.status.value, now)
         return [self.outputs.make_output(parent_id) for parent_id in touched if parent_id in self.outputs.states]
 
     # ---- introspection -------------------------------------------------------

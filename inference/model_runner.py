@@ -164,9 +164,11 @@ class ModelRunner:
                         request.output_token_ids, stop_ids, request.sample_index,
                     )
                 )
-        block_tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
-        for i, (request, _) in enumerate(output.scheduled):
-            block_tables[i, : len(request.block_table)] = torch.tensor(request.block_table, dtype=torch.int32)
+        # One host tensor for the batch, padded with -1, instead of one per request.
+        block_tables = torch.tensor(
+            [r.block_table + [-1] * (max_blocks - len(r.block_table)) for r, _ in output.scheduled],
+            dtype=torch.int32,
+        )
 
         device = self.device
         meta = AttentionMetadata(
