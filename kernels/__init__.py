@@ -1,4 +1,4 @@
-"""Attention kernels over the paged KV cache.
+"""Attention kernels over the paged KV cache, and the fused per-layer kernels around them.
 
 Layout (fixed; the engine, the Triton kernels and the references all share it):
 - Each layer has `key_cache` and `value_cache` of shape
@@ -19,14 +19,46 @@ Signatures:
     store_kv(key, value, key_cache, value_cache, slot_mapping) -> None
     paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                     query_start_loc, max_query_len, max_seq_len, scale,
-                    out=None) -> out
+                    out=None, workspace=None) -> out
+    decode_workspace_numel(max_num_reqs, num_heads, head_dim, max_seq_len,
+                           device) -> int
 
 One `paged_attention` call covers prefill, chunked prefill (a chunk may start
 mid-block) and decode, in any mix.
 
+`workspace` is an optional flat float32 tensor on the query's device,
+allocated once by the caller with `decode_workspace_numel(...)` elements
+(bounds: the most requests and the largest `max_seq_len` it will pass; 0
+where the torch reference runs, which ignores it). The decode kernel carves
+its split-softmax partials from it instead of allocating them, so a decode
+call with `out` and `workspace` allocates nothing and, given a constant
+`max_seq_len`, launches the same grid every step: what a CUDA graph needs.
+The prefill kernel needs no scratch and ignores it.
+
+Layer kernels (each replaces a chain of small torch ops in a decoder layer):
+    rms_norm(x, weight, eps, out=None) -> out
+    fused_add_rms_norm(x, residual, weight, eps) -> (out, residual_out)
+    apply_rotary_embedding(query, key, positions, cos_sin_cache) -> None
+    silu_and_mul(x) -> out
+
+- The norms take `[num_rows, hidden]` or `[num_tokens, num_heads, head_dim]`
+  (per-head q/k norm on slices of the qkv output); `residual_out = x +
+  residual` and `out` is its RMSNorm. `rms_norm(..., out=x)` works in place;
+  `fused_add_rms_norm` returns new tensors.
+- `apply_rotary_embedding` rotates q `[num_tokens, num_heads, head_dim]` and
+  k `[num_tokens, num_kv_heads, head_dim]` in place (rotate-half, as HF
+  Llama), one launch for both. `positions` is int64 `[num_tokens]`, each below
+  the row count of `cos_sin_cache`, float32 `[max_positions, head_dim]`: row p
+  is `[cos(p * inv_freq), sin(p * inv_freq)] * attention_scaling`.
+- `silu_and_mul` takes `[num_tokens, 2 * intermediate]` (gate, then up).
+- Only last dims must be contiguous. The references do transformers' float
+  ops in its order (bit-exact in float32); the kernels round at the same
+  points but compute in float32 in between.
+
 Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 `decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`
-otherwise, which also takes decode rows in a mixed batch). CPU tensors run the
+otherwise, which also takes decode rows in a mixed batch; `rmsnorm.py`,
+`rotary.py`, `activation.py` for the layer kernels). CPU tensors run the
 torch references in `reference.py`, unless `PAGEDINFER_TRITON_INTERPRET=1`:
 then they run the same Triton kernels in Triton's interpreter. The interpreter
 must be chosen before Triton is first imported in the process (Triton decides
@@ -36,11 +68,13 @@ itself; if something imported Triton earlier without it, the CPU call raises
 and says so. Triton is imported lazily, on the first Triton call, so `import
 kernels` works where Triton is not installed (the references need only torch).
 The store kernel lives in `kv_store.py`, not `store_kv.py`: importing a
-submodule binds it on the package, which would replace the `store_kv` function.
+submodule binds it on the package, which would replace the `store_kv` function
+(so the norm kernels live in `rmsnorm.py`, not `rms_norm.py`).
 `python -m kernels.compile_check` compiles every launch configuration for a
 CUDA target without a GPU (the interpreter does not exercise Triton's compiler).
 
-Kernel invariants (all three kernels):
+Kernel invariants (the three attention kernels; the layer kernels state
+theirs in their modules):
 - Every `tl.load` is masked or in bounds by grid construction; -1 block ids and
   slots are clamped to 0 before they become addresses, then masked off.
 - Loads are upcast to float32 at once and accumulation is float32; results
@@ -71,7 +105,10 @@ import torch
 
 from kernels import reference
 
-__all__ = ["paged_attention", "store_kv"]
+__all__ = [
+    "apply_rotary_embedding", "decode_workspace_numel", "fused_add_rms_norm", "paged_attention", "rms_norm",
+    "silu_and_mul", "store_kv",
+]
 
 INTERPRET_ENV = "PAGEDINFER_TRITON_INTERPRET"
 
@@ -133,18 +170,61 @@ def paged_attention(
     max_seq_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not _use_triton(query.device):
         return reference.paged_attention(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-            max_query_len, max_seq_len, scale, out,
+            max_query_len, max_seq_len, scale, out, workspace,
         )
     if max_query_len == 1:
         decode = _import_kernel("decode_attention", query.device)
         return decode.decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale, out
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale, out,
+            workspace=workspace,
         )
     prefill = _import_kernel("prefill_attention", query.device)
     return prefill.prefill_attention(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out
     )
+
+
+def decode_workspace_numel(
+    max_num_reqs: int, num_heads: int, head_dim: int, max_seq_len: int, device: torch.device | str
+) -> int:
+    """float32 elements of a `paged_attention` workspace for every decode call with at most
+    `max_num_reqs` requests and `max_seq_len` context on `device`, whatever its KV head count."""
+    device = torch.device(device)
+    if not _use_triton(device):
+        return 0
+    return _import_kernel("decode_attention", device).workspace_numel(
+        max_num_reqs, num_heads, head_dim, max_seq_len, device
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    if not _use_triton(x.device):
+        return reference.rms_norm(x, weight, eps, out)
+    return _import_kernel("rmsnorm", x.device).rms_norm(x, weight, eps, out)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _use_triton(x.device):
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    return _import_kernel("rmsnorm", x.device).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def apply_rotary_embedding(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    if not _use_triton(query.device):
+        return reference.apply_rotary_embedding(query, key, positions, cos_sin_cache)
+    _import_kernel("rotary", query.device).apply_rotary_embedding(query, key, positions, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if not _use_triton(x.device):
+        return reference.silu_and_mul(x)
+    return _import_kernel("activation", x.device).silu_and_mul(x)

@@ -32,9 +32,12 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+import kernels.activation as activation_mod
 import kernels.decode_attention as decode_mod
 import kernels.kv_store as store_mod
 import kernels.prefill_attention as prefill_mod
+import kernels.rmsnorm as rmsnorm_mod
+import kernels.rotary as rotary_mod
 
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
               torch.int64: "*i64"}
@@ -51,7 +54,9 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
         (prefill_mod, "_tile_config"): prefill_mod._tile_config,
     }
     kernels = (store_mod._store_kv_kernel, decode_mod._decode_attention_kernel,
-               decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel)
+               decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel,
+               rmsnorm_mod._rms_norm_kernel, rotary_mod._rotary_embedding_kernel,
+               activation_mod._silu_and_mul_kernel)
     decode_mod.dot_dtype = prefill_mod.dot_dtype = lambda dtype, device: saved[(decode_mod, "dot_dtype")](dtype, _CUDA)
     decode_mod._num_programs_wanted = lambda device: 4 * 132
     prefill_mod._tile_config = lambda group, head_dim, device: saved[(prefill_mod, "_tile_config")](
@@ -79,18 +84,46 @@ def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
             cache = torch.zeros(4, block_size, kv_heads, head_dim, dtype=dtype)
             key = torch.zeros(8, kv_heads, head_dim, dtype=dtype)
             store_mod.store_kv(key, key, cache, cache, torch.zeros(8, dtype=torch.int64))
-            for num_reqs, max_seq_len in ((1, 8192), (64, 200)):  # split-K and direct decode
+            # Split-K, direct decode, and a CUDA-graph bucket: max_seq_len = max_model_len (the 64-split
+            # maximum) with the partials in a preallocated workspace.
+            for num_reqs, max_seq_len, graph in ((1, 8192, False), (64, 200, False), (1, 40960, True)):
                 query = torch.zeros(num_reqs, kv_heads * group, head_dim, dtype=dtype)
                 tables = torch.zeros(num_reqs, triton.cdiv(max_seq_len, block_size), dtype=torch.int32)
                 seq_lens = torch.full((num_reqs,), max_seq_len, dtype=torch.int32)
                 start_loc = torch.arange(num_reqs + 1, dtype=torch.int32)
-                decode_mod.decode_attention(query, cache, cache, tables, seq_lens, start_loc, max_seq_len, 0.1)
+                numel = decode_mod.workspace_numel(num_reqs, kv_heads * group, head_dim, max_seq_len, _CUDA)
+                workspace = torch.zeros(numel) if graph else None
+                decode_mod.decode_attention(query, cache, cache, tables, seq_lens, start_loc, max_seq_len, 0.1,
+                                            workspace=workspace)
             query = torch.zeros(512, kv_heads * group, head_dim, dtype=dtype)
             tables = torch.zeros(1, 64, dtype=torch.int32)
             prefill_mod.prefill_attention(
                 query, cache, cache, tables, torch.tensor([1024], dtype=torch.int32),
                 torch.tensor([0, 512], dtype=torch.int32), 512, 0.1,
             )
+        _launch_layer_kernels()
+
+
+def _launch_layer_kernels() -> None:
+    """Norms, rotary and SiLU-mul at real model sizes: the norm tile (and its warp count) grows with hidden."""
+    num_tokens = 4
+    for hidden, num_heads, num_kv_heads, head_dim, intermediate in (
+        (4096, 32, 8, 128, 14336),  # Llama-3-8B
+        (8192, 64, 8, 128, 28672),  # Llama-3-70B: the widest norm row
+        (2048, 16, 8, 128, 6144),  # Qwen3-1.7B, with per-head q/k norm
+        (576, 9, 3, 64, 1536),  # SmolLM2-135M: head counts off a power of two
+    ):
+        x = torch.zeros(num_tokens, hidden, dtype=torch.bfloat16)
+        weight = torch.zeros(hidden, dtype=torch.bfloat16)
+        rmsnorm_mod.rms_norm(x, weight, 1e-6)
+        rmsnorm_mod.fused_add_rms_norm(x, x, weight, 1e-6)
+        qkv = torch.zeros(num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=torch.bfloat16)
+        q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+        for heads in (q, k):
+            rmsnorm_mod.rms_norm(heads, weight[:head_dim], 1e-6, out=heads)
+        rotary_mod.apply_rotary_embedding(q, k, torch.zeros(num_tokens, dtype=torch.int64),
+                                          torch.zeros(16, head_dim))
+        activation_mod.silu_and_mul(torch.zeros(num_tokens, 2 * intermediate, dtype=torch.bfloat16))
 
 
 def _source(kernel: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, str]:

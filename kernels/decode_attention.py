@@ -33,6 +33,19 @@ Kernel invariants:
   through float32. Scores, softmax statistics and the accumulator are float32.
 - `max_seq_len` (a host int) bounds every `seq_lens[r]`; the grid is sized
   from it and no launch reads a device tensor back.
+- Graph safe: the grid, `num_splits`, `tokens_per_split` and every constexpr
+  derive only from (num_reqs, num_kv_heads, head_dim, max_seq_len, device)
+  (`split_plan`), never from the values in `seq_lens`. A caller that passes
+  a constant `max_seq_len` (the engine passes `max_model_len` when it
+  captures CUDA graphs) gets the same launches for every step of a batch
+  size; each program reads its request's real `seq_len` from device memory,
+  pass 1 returns at once for splits past it and pass 2 reads only the splits
+  below it, so an over-provisioned grid costs empty programs, not results.
+- Split partials live in one flat float32 buffer: part_acc, then part_max,
+  then part_sum, each contiguous. With `workspace` they are views of it
+  (the call allocates nothing, so a captured graph keeps their addresses);
+  without, one buffer is allocated per call. `workspace_numel` sizes a
+  workspace for every call up to given bounds.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
+from kernels._checks import check_attention_args, check_index, dot_dtype, next_power_of_2
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
@@ -190,12 +203,72 @@ def _num_programs_wanted(device: torch.device) -> int:
     return 4 * _sm_counts[index]
 
 
-def choose_tokens_per_split(num_reqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
-    """Split the context only as far as needed to fill the device."""
+def _num_splits_wanted(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split the context only as far as needed to fill the device; non-decreasing in max_seq_len and
+    non-increasing in num_reqs * num_kv_heads, which `workspace_numel` relies on."""
     max_splits = triton.cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
     wanted = triton.cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
-    num_splits = max(1, min(wanted, max_splits, _MAX_SPLITS))
-    return triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    return max(1, min(wanted, max_splits, _MAX_SPLITS))
+
+
+def _block_n(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32  # K and V tiles stay in registers
+
+
+def split_plan(
+    num_reqs: int, num_kv_heads: int, head_dim: int, max_seq_len: int, device: torch.device,
+    num_splits: int | None = None,
+) -> tuple[int, int]:
+    """(tokens_per_split, num_splits) of a call, a function of these arguments alone.
+
+    `num_splits` forces a count instead of the heuristic; as splits are whole
+    BLOCK_N tiles, fewer may result.
+    """
+    if num_splits is None:
+        num_splits = _num_splits_wanted(num_reqs, num_kv_heads, max_seq_len, device)
+    block_n = _block_n(head_dim)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    return tokens_per_split, triton.cdiv(max_seq_len, tokens_per_split)
+
+
+def _partials_numel(num_reqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
+    """float32 elements of part_acc, part_max and part_sum; none with one split (pass 1 writes `out`)."""
+    return 0 if num_splits <= 1 else num_reqs * num_heads * num_splits * (head_dim + 2)
+
+
+def workspace_numel(max_num_reqs: int, num_heads: int, head_dim: int, max_seq_len: int, device: torch.device) -> int:
+    """float32 elements of a `workspace` that serves every heuristic call on `device` with
+    num_reqs <= max_num_reqs and max_seq_len <= the given one, for any num_kv_heads.
+
+    One KV head is the worst case (the fewer programs, the more splits), and a
+    call splits at most as often as `_num_splits_wanted` says.
+    """
+    return max(
+        _partials_numel(r, num_heads, head_dim, _num_splits_wanted(r, 1, max_seq_len, device))
+        for r in range(1, max_num_reqs + 1)
+    )
+
+
+def _split_partials(
+    num_reqs: int, num_heads: int, head_dim: int, num_splits: int, workspace: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """part_acc, part_max, part_sum as views of `workspace`, or of a new buffer when it is None."""
+    numel = _partials_numel(num_reqs, num_heads, head_dim, num_splits)
+    if workspace is None:
+        workspace = torch.empty(numel, dtype=torch.float32, device=device)
+    else:
+        check_index("workspace", workspace, torch.float32, 1, device)
+        assert workspace.numel() >= numel, (
+            f"workspace has {workspace.numel()} elements, this call needs {numel} "
+            f"({num_reqs} requests x {num_heads} heads x {num_splits} splits x (head_dim {head_dim} + 2))"
+        )
+    n = num_reqs * num_heads * num_splits
+    # part_acc first: the workspace start is the best-aligned address, for its wide stores.
+    part_acc = workspace[: n * head_dim].view(num_reqs, num_heads, num_splits, head_dim)
+    part_max = workspace[n * head_dim : n * (head_dim + 1)].view(num_reqs, num_heads, num_splits)
+    part_sum = workspace[n * (head_dim + 1) : numel].view(num_reqs, num_heads, num_splits)
+    return part_acc, part_max, part_sum
 
 
 def decode_attention(
@@ -209,10 +282,13 @@ def decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each request's single new token over its paged context.
 
     `num_splits` overrides the split heuristic (tests use it to force pass 2).
+    `workspace` (flat float32, sized by `workspace_numel` for heuristic calls)
+    holds the split partials; with it and `out` given the call allocates nothing.
     """
     out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     _, num_heads, head_dim = query.shape
@@ -222,16 +298,12 @@ def decode_attention(
         return out
 
     group = num_heads // num_kv_heads
-    block_n = 64 if head_dim <= 128 else 32  # K and V tiles stay in registers
-    if num_splits is None:
-        tokens_per_split = choose_tokens_per_split(num_reqs, num_kv_heads, max_seq_len, block_n, query.device)
-    else:
-        tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_seq_len, tokens_per_split)
+    block_n = _block_n(head_dim)
+    tokens_per_split, num_splits = split_plan(num_reqs, num_kv_heads, head_dim, max_seq_len, query.device, num_splits)
     if num_splits > 1:
-        part_max = torch.empty((num_reqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+        part_acc, part_max, part_sum = _split_partials(
+            num_reqs, num_heads, head_dim, num_splits, workspace, query.device
+        )
     else:
         part_max = part_sum = part_acc = out  # unused: pass 1 writes `out` directly
 

@@ -9,6 +9,9 @@ Invariants relied on (see `kernels/__init__.py` for the full layout):
   clamped before gathering and masked out by `seq_lens`, never read as data.
 - Query token j of request r sits at absolute position
   `seq_lens[r] - query_len(r) + j` and sees keys at positions <= its own.
+- `positions[i]` is a row of `cos_sin_cache` (index_select raises otherwise).
+- Norm, rotary and activation keep transformers' float ops in its order, so
+  the CPU engine matches it bit for bit in float32.
 """
 
 from __future__ import annotations
@@ -31,10 +34,21 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    if slot_mapping.numel() == 0:
+        return
+    # No boolean-mask indexing: it reads the mask back to the host (a sync
+    # the engine's forward must not have). A padding token (-1) is written
+    # instead to the first valid token's slot with that token's own values,
+    # so the duplicate write is identical and its order does not matter; with
+    # no valid token at all, slot 0 is rewritten with what it holds.
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(value_cache.dtype)
+    # A 1-element index, not a 0-d one: indexing with a 0-d tensor calls item().
+    first = valid.to(torch.int8).argmax().view(1)  # first valid token, or 0
+    slots = torch.where(valid, slot_mapping, slot_mapping[first].clamp(min=0))
+    for src, cache in ((key, key_cache), (value, value_cache)):
+        flat = cache.view(-1, num_kv_heads, head_dim)
+        fill = torch.where(valid[first, None, None], src[first].to(cache.dtype), flat[slots[first]])
+        flat.index_copy_(0, slots, torch.where(valid[:, None, None], src.to(cache.dtype), fill))
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -60,6 +74,7 @@ def paged_attention(
     max_seq_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,  # the Triton decode kernel's scratch; not needed here
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(query)
@@ -105,3 +120,41 @@ def paged_attention(
         o = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
         out[start : start + n] = o.reshape(n, num_heads, head_dim)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    # transformers' op order (normalise in float32, scale in the input dtype),
+    # so the CPU path matches it to the last bit in float32.
+    dtype = x.dtype
+    normed = x.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    result = weight * normed.to(dtype)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_out = x + residual
+    return rms_norm(residual_out, weight, eps), residual_out
+
+
+def apply_rotary_embedding(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    # transformers' rotate-half, with cos/sin cast to the q/k dtype and the
+    # halves duplicated, as its rotary embedding returns them.
+    half = cos_sin_cache.shape[1] // 2
+    cos_sin = torch.index_select(cos_sin_cache, 0, positions).to(query.dtype)
+    cos = torch.cat((cos_sin[:, :half], cos_sin[:, :half]), dim=-1)[:, None, :]  # broadcast over heads
+    sin = torch.cat((cos_sin[:, half:], cos_sin[:, half:]), dim=-1)[:, None, :]
+    for x in (query, key):
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * cos + rotated * sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.split(x.shape[-1] // 2, dim=-1)
+    return F.silu(gate) * up

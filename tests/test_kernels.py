@@ -7,7 +7,8 @@ interpreted or compiled functions at `@triton.jit` time). So this module sets
 changes how Triton itself behaves in this process, and nothing else runs
 Triton kernels on a CPU-only machine. If Triton was already imported without
 it (another test file got there first), the CPU cases are skipped here and
-`test_interpreter_cases_in_subprocess` runs them in a fresh interpreter.
+`test_interpreter_cases_in_subprocess` runs them in a fresh interpreter (with
+those of tests/test_decode_graph_safe.py, which builds on this file).
 
 With CUDA, the CUDA cases (bf16, fp16) run the compiled kernels; the CPU
 cases then need the subprocess (`-k cuda` selects only the former).
@@ -316,21 +317,30 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
+# Reuses this file's helpers, so its interpreter cases need this fallback too.
+GRAPH_SAFE_TESTS = Path(__file__).with_name("test_decode_graph_safe.py")
+
+
 @pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
 def test_interpreter_cases_in_subprocess() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, str(GRAPH_SAFE_TESTS), "-q", "-p", "no:cacheprovider"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
-def test_engine_greedy_tokens_match_reference_path(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graph-buckets"])
+def test_engine_greedy_tokens_match_reference_path(
+    tiny_llama_dir, monkeypatch: pytest.MonkeyPatch, enforce_eager: bool
+) -> None:
     """The engine on a tiny random Llama gives the same greedy tokens through the kernels as through the references.
 
     Chunked prefill (32 tokens a step) puts chunks that start mid-block next to decode rows in one batch.
+    With graph buckets, decode batches run padded, with the grid sized for max_model_len and the split
+    workspace the runner preallocated, as a captured CUDA graph runs them.
     """
     _need_kernels("cpu")
     from inference import LLM, SamplingParams
@@ -341,7 +351,7 @@ def test_engine_greedy_tokens_match_reference_path(tiny_llama_dir, monkeypatch: 
 
     def greedy() -> list[list[int]]:
         llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, block_size=16,
-                  max_num_batched_tokens=32)
+                  max_num_batched_tokens=32, enforce_eager=enforce_eager)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     monkeypatch.delenv(kernels.INTERPRET_ENV, raising=False)
