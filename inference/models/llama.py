@@ -9,6 +9,13 @@ Hugging Face config:
 q/k/v and gate/up are fused into one matmul each (the loader concatenates the
 checkpoint's separate weights). The forward takes flattened tokens of many
 requests at once; attention goes through `inference.attention`.
+
+Norms, rotary and SiLU-mul go through `kernels` (fused Triton kernels on CUDA,
+torch references that match transformers bit for bit in float32 on the CPU).
+The residual stream is passed vLLM-style, `layer(x, residual) -> (x,
+residual)`, so that each residual add is fused into the norm after it. The
+forward has no host syncs and no branching on tensor values (it is captured in
+a CUDA graph); the only branch is on whether a residual exists yet.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from inference.attention import AttentionMetadata, paged_attention
 
 
@@ -26,13 +34,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers (normalize in fp32, scale in the
-        # input dtype) so that outputs match to the last bit in float32.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of the last dim; `out=x` normalises in place (the q/k slices of the qkv output)."""
+        return kernels.rms_norm(x, self.weight, self.eps, out)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), in one kernel on CUDA."""
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(config) -> dict:
@@ -46,15 +54,27 @@ def rope_parameters(config) -> dict:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin by position; the inverse frequencies come from transformers so
-    every rope type it knows (llama3, linear, yarn, ...) is computed as it does."""
+    """Rotates q and k in place by position; the inverse frequencies come from
+    transformers so every rope type it knows (llama3, linear, yarn, ...) is
+    computed as it does.
+
+    cos/sin are computed once here for every position up to
+    `max_position_embeddings` (the engine caps sequences there) into
+    `cos_sin_cache` `[max_positions, head_dim]`, float32: row p is
+    `[cos(p * inv_freq), sin(p * inv_freq)] * attention_scaling`, the same
+    float ops transformers does per step (it duplicates each half; the
+    kernels read one and use it twice).
+    """
 
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
         params = rope_parameters(config)
+        max_positions = getattr(config, "max_position_embeddings", None) or 2048
         with torch.device("cpu"):  # real numbers even when the model is built on meta
-            inv_freq, self.attention_scaling = self._inv_freq(config, params, head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+            inv_freq, attention_scaling = self._inv_freq(config, params, head_dim)
+            freqs = torch.arange(max_positions).float()[:, None] * inv_freq.float()[None, :]
+            cache = torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     @staticmethod
     def _inv_freq(config, params: dict, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -65,18 +85,8 @@ class RotaryEmbedding(nn.Module):
 
         return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype)
-        sin = (emb.sin() * self.attention_scaling).to(dtype)
-        return cos[:, None, :], sin[:, None, :]  # broadcast over heads
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+        kernels.apply_rotary_embedding(query, key, positions, self.cos_sin_cache)
 
 
 class Attention(nn.Module):
@@ -94,16 +104,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, meta: AttentionMetadata
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
+        # q, k and v stay views of the one qkv output: q/k norm and rotary
+        # rewrite them in place rather than allocating copies.
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            self.q_norm(q, out=q)
+            self.k_norm(k, out=k)
+        rotary(positions, q, k)
         out = paged_attention(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -116,8 +130,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -128,9 +141,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it); the next norm adds the two.
+
+        `residual` is None for the first layer, whose input is the embedding itself."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(x, positions, rotary, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -154,10 +182,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Flattened tokens of the whole batch -> final hidden states."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, meta)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
