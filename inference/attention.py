@@ -22,6 +22,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
     max_query_len: int
     max_seq_len: int
+    # The decode kernel's split buffers, allocated once (None: it allocates per call).
+    decode_workspace: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -36,5 +38,5 @@ def paged_attention(
     kernels.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
     return kernels.paged_attention(
         q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-        meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale,
+        meta.query_start_loc, meta.max_query_len, meta.max_seq_len, scale, workspace=meta.decode_workspace,
     )

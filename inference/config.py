@@ -35,6 +35,10 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True
+    # False: decode-only batches are padded to a bucket and, on CUDA, replayed
+    # as CUDA graphs; on the CPU nothing is captured and the padded batch runs
+    # eagerly (the tests' way to check padding). create() picks False on CUDA
+    # and True on the CPU unless told.
     enforce_eager: bool = False
 
     @classmethod
@@ -51,7 +55,7 @@ class EngineConfig:
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -78,6 +82,8 @@ class EngineConfig:
         elif not 1 <= max_model_len <= model_max:
             raise ValueError(f"max_model_len must be in [1, {model_max}], got {max_model_len}")
         on_gpu = device == "cuda"
+        if enforce_eager is None:
+            enforce_eager = not on_gpu
         max_num_seqs = max_num_seqs or (256 if on_gpu else 64)
         max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 512)
         if max_num_seqs < 1 or max_num_batched_tokens < 1:

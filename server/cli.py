@@ -18,6 +18,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     capacity.add_argument("--gpu-memory-utilization", type=float, default=None)
     capacity.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--enforce-eager", action="store_true", default=None,
+        help="no CUDA graphs: run every decode step eagerly (the CPU always does)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -34,6 +38,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
     )
 
 
