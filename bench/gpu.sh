@@ -5,6 +5,7 @@
 #   bash bench/gpu.sh            # Qwen3-0.6B, Llama-3.2-1B, Llama-3.1-8B shapes, bf16
 #   bash bench/gpu.sh --cpu      # dry run on tiny shapes, no GPU needed
 #   bash bench/gpu.sh --models Qwen3-0.6B
+#   bash bench/gpu.sh --graphs on,off --profile   # decode with and without CUDA graphs, profiled
 #
 # Random weights of the real shapes are written to a temp folder and loaded with
 # LLM(model=folder); see bench/gpu_bench.py for the phases. Results (JSON and

@@ -2,14 +2,20 @@
 
 For each model (configs inline, weights random: shapes are what speed depends
 on), in this order and within one time budget:
-  1. transformers `generate` on a 16-request subset, then our engine on the same
-     subset (transformers first, so its memory is gone before our KV cache is sized);
-  2. decode step time at batch 1/64/256 against the roofline
-     batch x HBM bandwidth / (weight bytes + KV bytes read per step);
-  3. the nano-vllm workload: 256 requests, input and output lengths uniform in
+  1. transformers `generate` on a 16-request subset (unless --no-transformers;
+     first, so its memory is gone before our KV cache is sized);
+  2. one engine per `--graphs` mode, the graphs-off one (`enforce_eager=True`)
+     first, each loaded fresh (the KV cache is sized from free memory):
+     decode step time at batch 1/64/256 against the roofline
+     batch x HBM bandwidth / (weight bytes + KV bytes read per step), and with
+     --profile a torch.profiler summary of decode steps at batch 64
+     (bench/gpu_profile.py: host time, GPU busy fraction, launches per step);
+  3. on the last engine (graphs on, the default) our engine on the subset, then
+     the nano-vllm workload: 256 requests, input and output lengths uniform in
      100-1024, EOS ignored, temperature 0.6 (last: at the deadline it is cut
      short and reported as such, the other numbers are already in).
-Run through bench/gpu.sh; `--cpu` runs the same code on tiny shapes here.
+Run through bench/gpu.sh; `--cpu` runs the same code on tiny shapes here
+(where "graphs on" runs the padded decode batches eagerly).
 """
 
 from __future__ import annotations
@@ -32,27 +38,8 @@ import numpy as np
 import torch
 
 from bench.common import Request, git_commit, machine_info, now_utc, write_json
-
-LLAMA3_ROPE = {"rope_type": "llama3", "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-               "original_max_position_embeddings": 8192}
-MODELS = {
-    "Qwen3-0.6B": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                       max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "Llama-3.2-1B": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, rope_scaling={**LLAMA3_ROPE, "factor": 32.0}),
-    "Llama-3.1-8B": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
-}
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=1024)
-CPU_MODELS = {"tiny-qwen3": dict(model_type="qwen3", tie_word_embeddings=True, **TINY),
-              "tiny-llama": dict(model_type="llama", tie_word_embeddings=False, **TINY)}
-
+from bench.gpu_models import CPU_MODELS, MODELS, approx_params, write_model
+from bench.gpu_profile import profile_decode, profile_table
 
 @dataclass(slots=True)
 class Plan:
@@ -67,71 +54,12 @@ class Plan:
     decode_steps: int = 64
     max_model_len: int = 2048
     bandwidth_bytes: int = 2 * 1024**3
+    profile_batch: int = 64
+    profile_steps: int = 8
 
 
-CPU_PLAN = Plan(8, 16, 48, 4, 8, (1, 4), 32, 8, 256, 64 * 1024**2)
-
-
-def write_model(folder: Path, spec: dict, dtype: torch.dtype, device: str) -> dict:
-    """config.json, random safetensors shards and a word-level tokenizer; returns byte counts."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
-
-    spec = dict(spec)
-    config = AutoConfig.for_model(spec.pop("model_type"), eos_token_id=0, bos_token_id=None, **spec)
-    with torch.device("meta"):  # names and shapes only, no init cost
-        shapes = {k: (v.shape, v.dtype) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    config.architectures = [{"qwen3": "Qwen3ForCausalLM"}.get(config.model_type, "LlamaForCausalLM")]
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    GenerationConfig(eos_token_id=0).save_pretrained(folder)
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    gen = torch.Generator(device=device).manual_seed(0)
-    shard, shard_bytes, weight_map, total = {}, 0, {}, 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"model-{len(set(weight_map.values())):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-        shard, shard_bytes = {}, 0
-
-    for key, (shape, _) in shapes.items():
-        if key.endswith("norm.weight"):
-            tensor = torch.ones(shape, dtype=dtype)
-        else:  # std 0.02 keeps activations finite through every layer
-            tensor = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
-        shard[key] = tensor
-        shard_bytes += tensor.numel() * tensor.element_size()
-        total += tensor.numel() * tensor.element_size()
-        if shard_bytes > 2 * 1024**3:
-            flush()
-    if shard:
-        flush()
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    vocab = {"<eos>": 0, **{f"t{i}": i for i in range(1, config.vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(folder)
-    embed = shapes["model.embed_tokens.weight"][0].numel() * torch.finfo(dtype).bits // 8
-    kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "weight_bytes": total,
-        # Per decode step every matrix is read once; an untied embedding is only
-        # gathered (a few rows), a tied one is read whole as the LM head.
-        "weight_bytes_read": total - (0 if config.tie_word_embeddings else embed),
-        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8,
-        "params": sum(s.numel() for s, _ in shapes.values()),
-    }
-
-
-def _approx_params(spec: dict) -> float:
-    h, layers = spec["hidden_size"], spec["num_hidden_layers"]
-    return layers * (4 * h * h + 3 * h * spec["intermediate_size"]) + spec["vocab_size"] * h
+CPU_PLAN = Plan(8, 16, 48, 4, 8, (1, 4), 32, 8, 256, 64 * 1024**2, 4, 3)
+_OTHER_ENGINES_SHARE = 0.4  # of a model's time, for the engines before the last one (no nano workload)
 
 
 def measure_bandwidth(device: str, nbytes: int) -> float:
@@ -193,14 +121,68 @@ def drive(engine, prompts: list[list[int]], params: list, deadline: float, tag: 
             "complete": complete, "decode_steps": decode_steps}
 
 
-def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, device: str, bandwidth: float,
-                deadline: float) -> dict:
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    subset: list[Request]
+    rng: np.random.Generator
+    vocab: int
+
+
+def bench_engine(result: dict, folder: Path, graphs: str, last: bool, work: Workload, plan: Plan,
+                 args: argparse.Namespace, device: str, bandwidth: float, deadline: float) -> None:
+    """One engine with CUDA graphs `graphs` ("on"/"off"); the last one also runs the subset and nano phases."""
     from inference import LLM, SamplingParams
 
+    t0 = time.perf_counter()
+    engine_args = {"kv_cache_memory": 256 * 1024**2} if device == "cpu" else {}
+    llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=plan.max_model_len,
+              max_num_seqs=max(plan.decode_batches + (plan.subset,)), enforce_eager=graphs == "off", **engine_args)
+    result["load_s"][graphs] = time.perf_counter() - t0
+    engine = llm.engine
+    greedy = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)]
+    drive(engine, [work.prompts[-1][::-1]], greedy, deadline, "warmup")
+    if last and "hf_subset_tok_s" in result:
+        run = drive(engine, [r.prompt_ids for r in work.subset],
+                    [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in work.subset],
+                    deadline, "subset")
+        result["subset_tok_s"] = run["output_tokens"] / run["elapsed_s"]
+        result["subset_ratio"] = result["subset_tok_s"] / result["hf_subset_tok_s"]
+
+    for batch in plan.decode_batches:
+        if time.perf_counter() > deadline:
+            break
+        batch_prompts = [work.rng.integers(0, work.vocab, size=plan.decode_prompt).tolist() for _ in range(batch)]
+        params = [SamplingParams(temperature=0.0, max_tokens=plan.decode_steps, ignore_eos=True)] * batch
+        steps = drive(engine, batch_prompts, params, deadline, f"decode{batch}-{graphs}")["decode_steps"]
+        if not steps:
+            continue
+        step_s = float(np.median([s for s, _ in steps]))
+        context = float(np.mean([c for _, c in steps]))
+        ideal_s = (result["weight_bytes_read"] + context * result["kv_bytes_per_token"]) / bandwidth
+        result["decode"].append({"graphs": graphs, "batch": batch, "step_ms": step_s * 1e3,
+                                 "roofline_ms": ideal_s * 1e3, "efficiency": ideal_s / step_s, "tok_s": batch / step_s,
+                                 "roofline_tok_s": batch / ideal_s, "avg_context": context / batch})
+    if args.profile and time.perf_counter() < deadline:
+        batch_prompts = [work.rng.integers(0, work.vocab, size=plan.decode_prompt).tolist()
+                         for _ in range(plan.profile_batch)]
+        result["profile"].append({"graphs": graphs, **profile_decode(engine, batch_prompts, plan.profile_steps,
+                                                                     f"profile-{graphs}")})
+    if last:
+        params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+        run = drive(engine, work.prompts, params, deadline, "nano")
+        result["nano"] = {"requests": plan.num_requests, "output_tokens": run["output_tokens"], "graphs": graphs,
+                          "elapsed_s": run["elapsed_s"], "output_tok_s": run["output_tokens"] / run["elapsed_s"],
+                          "complete": run["complete"]}
+
+
+def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, device: str, bandwidth: float,
+                deadline: float) -> dict:
     from bench.throughput import run_transformers
 
     dtype = getattr(torch, args.dtype)
-    result: dict = {"model": name}
+    result: dict = {"model": name, "load_s": {}, "decode": [], "profile": []}
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work_dir))
     try:
         t0 = time.perf_counter()
@@ -212,45 +194,23 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
         lens = rng.integers(plan.min_len, plan.max_len + 1, size=(plan.num_requests, 2))
         prompts = [rng.integers(0, vocab, size=n).tolist() for n in lens[:, 0]]
         subset = [Request(p[:plan.max_len], plan.subset_output) for p in prompts[:plan.subset]]
-        hf = run_transformers(subset, str(folder), args.dtype, plan.subset, use_tqdm=False)
-        result["hf_subset_tok_s"] = hf.output_tok_s
+        work = Workload(prompts, [int(n) for n in lens[:, 1]], subset, rng, vocab)
+        if not args.no_transformers:
+            hf = run_transformers(subset, str(folder), args.dtype, plan.subset, use_tqdm=False)
+            result["hf_subset_tok_s"] = hf.output_tok_s
+            _release()
 
-        t0 = time.perf_counter()
-        engine_args = {"kv_cache_memory": 256 * 1024**2} if device == "cpu" else {}
-        llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=plan.max_model_len,
-                  max_num_seqs=max(plan.decode_batches + (plan.subset,)), **engine_args)
-        result["load_s"] = time.perf_counter() - t0
-        engine = llm.engine
-        greedy = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)]
-        drive(engine, [prompts[-1][::-1]], greedy, deadline, "warmup")
-        run = drive(engine, [r.prompt_ids for r in subset],
-                    [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in subset],
-                    deadline, "subset")
-        result["subset_tok_s"] = run["output_tokens"] / run["elapsed_s"]
-        result["subset_ratio"] = result["subset_tok_s"] / result["hf_subset_tok_s"]
-
-        result["decode"] = []
-        for batch in plan.decode_batches:
-            if time.perf_counter() > deadline:
-                break
-            batch_prompts = [rng.integers(0, vocab, size=plan.decode_prompt).tolist() for _ in range(batch)]
-            params = [SamplingParams(temperature=0.0, max_tokens=plan.decode_steps, ignore_eos=True)] * batch
-            steps = drive(engine, batch_prompts, params, deadline, f"decode{batch}")["decode_steps"]
-            if not steps:
-                continue
-            step_s = float(np.median([s for s, _ in steps]))
-            context = float(np.mean([c for _, c in steps]))
-            ideal_s = (result["weight_bytes_read"] + context * result["kv_bytes_per_token"]) / bandwidth
-            result["decode"].append({"batch": batch, "step_ms": step_s * 1e3, "roofline_ms": ideal_s * 1e3,
-                                     "efficiency": ideal_s / step_s, "tok_s": batch / step_s,
-                                     "roofline_tok_s": batch / ideal_s, "avg_context": context / batch})
-        params = [SamplingParams(temperature=0.6, max_tokens=int(n), ignore_eos=True) for n in lens[:, 1]]
-        run = drive(engine, prompts, params, deadline, "nano")
-        result["nano"] = {"requests": plan.num_requests, "output_tokens": run["output_tokens"],
-                          "elapsed_s": run["elapsed_s"], "output_tok_s": run["output_tokens"] / run["elapsed_s"],
-                          "complete": run["complete"]}
-
-        del llm, engine
+        modes = sorted(args.graphs, key=lambda mode: mode == "on")  # "on", the engine default, last
+        start = time.perf_counter()
+        for index, graphs in enumerate(modes):
+            last = index == len(modes) - 1
+            share = 1.0 if last else _OTHER_ENGINES_SHARE * (index + 1) / (len(modes) - 1)
+            try:
+                bench_engine(result, folder, graphs, last, work, plan, args, device, bandwidth,
+                             start + (deadline - start) * share)
+            except Exception as exc:  # noqa: BLE001 - the other mode's numbers still count
+                result["error"] = f"graphs {graphs}: {type(exc).__name__}: {exc}"[:500]
+            _release()
     except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others' numbers
         result["error"] = f"{type(exc).__name__}: {exc}"[:500]
     finally:
@@ -273,11 +233,13 @@ def markdown(report: dict) -> str:
         nano = r.get("nano", {})
         nano_cell = (f"{nano['output_tok_s']:.0f} ({nano['elapsed_s']:.1f}"
                      f"{'' if nano['complete'] else ', cut at deadline'})") if nano else "skipped"
-        subset = f"{r['subset_tok_s']:.0f} / {r['hf_subset_tok_s']:.0f} = {r['subset_ratio']:.2f}x"
-        decode = "; ".join(f"B={d['batch']}: {d['step_ms']:.2f} / {d['roofline_ms']:.3f} ({d['efficiency']:.1%})"
-                           for d in r.get("decode", []))
+        subset = (f"{r['subset_tok_s']:.0f} / {r['hf_subset_tok_s']:.0f} = {r['subset_ratio']:.2f}x"
+                  if "subset_ratio" in r else "–")
+        decode = "; ".join(f"B={d['batch']} graphs {d['graphs']}: {d['step_ms']:.2f} / {d['roofline_ms']:.3f} "
+                           f"({d['efficiency']:.1%})" for d in r.get("decode", []))
         params = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.2f}M"
         lines.append(f"| {r['model']} | {params} | {nano_cell} | {subset} | {decode or '–'} |")
+    lines += profile_table(report["models"])
     skipped = report.get("skipped")
     if skipped:
         lines += ["", f"Skipped for the time budget: {', '.join(skipped)}"]
@@ -298,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=450.0, help="all models together")
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or "bench/out/gpu")
     parser.add_argument("--work-dir", default=None, help="where the model folders go (deleted after)")
+    parser.add_argument("--graphs", default="on", type=lambda v: v.split(","),
+                        help="decode CUDA graphs: on (the engine default), off (enforce_eager), or on,off for both")
+    parser.add_argument("--profile", action="store_true", help="profiler summary of decode steps at batch 64")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers subset comparison")
     args = parser.parse_args(argv)
+    if not args.graphs or not set(args.graphs) <= {"on", "off"} or len(set(args.graphs)) < len(args.graphs):
+        parser.error(f"--graphs takes on, off or on,off; got {','.join(args.graphs)}")
     start = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -312,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget_s
     # Budget shares grow with model size (~sqrt of parameters); what a model
     # leaves unused goes to the next ones.
-    weights = [_approx_params(table[name]) ** 0.5 for name in names]
+    weights = [approx_params(table[name]) ** 0.5 for name in names]
     for index, name in enumerate(names):
         left = deadline - time.perf_counter()
         if left < args.budget_s * 0.1:

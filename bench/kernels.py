@@ -10,7 +10,11 @@ and the reference index_put for the KV store.
 
 - decode is memory bound: reported as achieved GB/s (K and V bytes of the
   context, read once) and as a fraction of the device-to-device copy
-  bandwidth measured here with a torch copy of a large buffer.
+  bandwidth measured here with a torch copy of a large buffer. Each shape is
+  timed again as a captured CUDA graph runs it (`graph_bound_ms`): grid and
+  splits sized for `max_seq_len` = 32768 (the engine passes max_model_len)
+  and the partials in a preallocated workspace; the gap is what the
+  over-provisioned grid costs.
 - prefill is compute bound: reported as TFLOP/s of causal attention (only
   the unmasked query-key pairs count: 4 * head_dim FLOPs per pair and head).
 
@@ -44,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from kernels.decode_attention import choose_tokens_per_split, decode_attention  # noqa: E402
+from kernels.decode_attention import decode_attention, split_plan, workspace_numel  # noqa: E402
 from kernels.kv_store import store_kv  # noqa: E402
 from kernels.prefill_attention import prefill_attention  # noqa: E402
 
@@ -55,6 +59,7 @@ GPU_SHAPES = {
     "prefill": [(512, 0, 4), (512, 3584, 4), (2048, 0, 4), (2048, 2048, 4)],
     "store": [256, 8192],  # tokens
     "copy_bytes": 1 << 30,
+    "graph_bound": 32768,  # decode again with max_seq_len here, as under a CUDA graph (max_model_len)
 }
 CPU_SHAPES = {
     "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "block_size": 16,
@@ -62,6 +67,7 @@ CPU_SHAPES = {
     "prefill": [(16, 0, 1), (32, 20, 2)],
     "store": [8],
     "copy_bytes": 1 << 24,
+    "graph_bound": 256,
 }
 
 
@@ -117,6 +123,12 @@ def bench_decode(batch: int, context: int, shapes: dict, dtype: torch.dtype, dev
     scale = d**-0.5
     kernel_ms = bench(lambda: decode_attention(
         query, key_cache, value_cache, block_tables, seq_lens, start_loc, context, scale, out=out), cuda)
+    # As a captured CUDA graph runs it: the grid sized for the bound, partials in a preallocated workspace.
+    bound = shapes["graph_bound"]
+    workspace = torch.empty(workspace_numel(batch, h, d, bound, query.device), device=device)
+    bound_ms = bench(lambda: decode_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, start_loc, bound, scale, out=out,
+        workspace=workspace), cuda)
 
     # Decode sees every key, so each KV head's query heads can be its "query rows": no KV repeat needed.
     k, v = gather(key_cache, block_tables, context), gather(value_cache, block_tables, context)
@@ -124,10 +136,10 @@ def bench_decode(batch: int, context: int, shapes: dict, dtype: torch.dtype, dev
     sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), cuda)
     expected = F.scaled_dot_product_attention(q, k, v, scale=scale).reshape(batch, h, d)
     kv_bytes = 2 * batch * context * kvh * d * key_cache.element_size()
-    tokens_per_split = choose_tokens_per_split(batch, kvh, context, 64, query.device)
     return {
-        "batch": batch, "context": context, "num_splits": triton.cdiv(context, tokens_per_split),
-        "kernel_ms": kernel_ms, "sdpa_ms": sdpa_ms,
+        "batch": batch, "context": context, "num_splits": split_plan(batch, kvh, d, context, query.device)[1],
+        "kernel_ms": kernel_ms, "sdpa_ms": sdpa_ms, "graph_bound": bound, "graph_bound_ms": bound_ms,
+        "graph_bound_splits": split_plan(batch, kvh, d, bound, query.device)[1],
         "kernel_GBps": kv_bytes / kernel_ms / 1e6, "sdpa_GBps": kv_bytes / sdpa_ms / 1e6,
         "max_abs_diff_vs_sdpa": (out.float() - expected.float()).abs().max().item(),
     }
@@ -229,7 +241,8 @@ def main() -> None:
         print(f"decode batch={batch:3d} ctx={context:5d} splits={r['num_splits']:2d}: "
               f"kernel {r['kernel_ms']:.4f} ms {r['kernel_GBps']:6.0f} GB/s ({100 * r['kernel_fraction_of_copy']:.0f}% "
               f"of copy) | sdpa {r['sdpa_ms']:.4f} ms {r['sdpa_GBps']:6.0f} GB/s | "
-              f"max|diff| {r['max_abs_diff_vs_sdpa']:.1e}")
+              f"max|diff| {r['max_abs_diff_vs_sdpa']:.1e} | bound {r['graph_bound']}: {r['graph_bound_ms']:.4f} ms "
+              f"({r['graph_bound_splits']} splits)")
         if cuda:
             torch.cuda.empty_cache()  # the next shape may need the memory this one held
 

@@ -1,6 +1,6 @@
 """Smoke tests for the benchmark scripts at tiny sizes, so they cannot rot.
 
-One tiny random Llama (written by bench/gpu_bench.py's own writer, with its
+One tiny random Llama (written by bench/gpu_models.py's writer, with its
 word-level tokenizer) serves every test: the offline backends, a real
 `pagedinfer serve` for the HTTP client, compare.py with the peers it can't
 find, and the GPU script's CPU dry run.
@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from bench.peers import servers  # noqa: E402
 def tiny_folder(tmp_path_factory) -> Path:
     import torch
 
-    from bench.gpu_bench import CPU_MODELS, write_model
+    from bench.gpu_models import CPU_MODELS, write_model
 
     folder = tmp_path_factory.mktemp("bench-tiny")
     write_model(folder, CPU_MODELS["tiny-llama"], torch.float32, "cpu")
@@ -166,14 +167,48 @@ def test_compare_table_ratios_and_plot_links(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_cpu_dry_run(tmp_path):
+    """bench/gpu.sh as bench/gpu_check.sh runs it: both graph modes and the profile, plus the subset."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--cpu", "--models", "tiny-qwen3", "--budget-s", "120"],
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--cpu", "--models", "tiny-qwen3", "--budget-s", "120",
+                           "--graphs", "on,off", "--profile"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     [model] = report["models"]
-    assert "error" not in model and model["nano"]["complete"]
+    assert "error" not in model and model["nano"]["complete"] and model["nano"]["graphs"] == "on"
     assert model["nano"]["output_tokens"] > 0 and model["subset_ratio"] > 0
-    assert [d["batch"] for d in model["decode"]] == [1, 4]
+    assert [(d["graphs"], d["batch"]) for d in model["decode"]] == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
     assert all(0 < d["efficiency"] for d in model["decode"])
-    assert "| tiny-qwen3 |" in (tmp_path / "gpu_bench.md").read_text()
+    assert [(p["graphs"], p["batch"], p["steps"]) for p in model["profile"]] == [("off", 4, 3), ("on", 4, 3)]
+    assert all(p["step_ms"] >= p["host_ms"] > 0 and p["gpu_busy"] is None for p in model["profile"])
+    markdown = (tmp_path / "gpu_bench.md").read_text()
+    assert "| tiny-qwen3 |" in markdown and "| tiny-qwen3 | on | 4 |" in markdown
+    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], cwd=REPO).returncode == 0
+
+
+def test_profile_summary_counts_launches_and_busy_time():
+    """The GPU half of bench/gpu_profile.py's arithmetic, on synthetic profiler events (µs)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    from bench.gpu_profile import STEP_RANGE, summarize
+
+    def event(name, start, end, device=DeviceType.CPU, **extra):
+        return SimpleNamespace(name=name, time_range=Interval(start, end), device_type=device,
+                               is_user_annotation=False, **extra)
+
+    cuda = DeviceType.CUDA
+    events = [
+        event(STEP_RANGE, 0, 100), event(STEP_RANGE, 100, 200),
+        event("cudaGraphLaunch", 10, 12), event("cuLaunchKernelEx", 20, 21), event("cudaLaunchKernel", 110, 111),
+        event("cudaStreamSynchronize", 150, 180), event("cudaMemcpyAsync", 185, 195),
+        event("kernel_a", 30, 80, cuda), event("kernel_b", 50, 90, cuda),  # overlapping: counted once
+        event("kernel_c", 180, 260, cuda),  # runs past the window: clipped at 200
+        event(STEP_RANGE, 0, 200, cuda),  # the range's GPU-side annotation is not GPU work
+        event("cudaDeviceSynchronize", 201, 300), event("cudaLaunchKernel", 400, 401),  # after the steps
+    ]
+    profile = summarize(events, batch=8, num_steps=2)
+    assert profile.gpu_busy == pytest.approx((60 + 20) / 200)
+    assert profile.launches_per_step == 1.5
+    assert profile.launches == {"cuLaunchKernelEx": 0.5, "cudaGraphLaunch": 0.5, "cudaLaunchKernel": 0.5}
+    assert profile.step_ms == pytest.approx(0.1) and profile.host_ms == pytest.approx(0.08)

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, within 9 minutes on one GPU, for a
+# machine with the repo copied as-is (torch, triton, transformers, numpy,
+# pytest; no web stack, nothing installed: PYTHONPATH points at the repo):
+#
+#   bash bench/gpu_check.sh          # on the GPU machine
+#   bash bench/gpu_check.sh --cpu    # dry run here: tiny shapes, the CUDA tests skip
+#
+# Steps, in order, each under its own timeout; a failed step does not stop
+# the later ones, and the exit status is non-zero if any failed:
+#   1. CUDA tests: the attention kernels (tests/test_kernels.py and
+#      tests/test_decode_graph_safe.py, -k cuda), the fused layer kernels
+#      (tests/test_layer_kernels.py -k cuda) and the engine with CUDA graphs
+#      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
+#      prepared model). A test file missing from this checkout is
+#      reported as MISSING (the exit status stays 0 for it).
+#   2. bench/kernels.py: the kernel microbenchmarks.
+#   3. bench/gpu.sh on the Qwen3-0.6B and Llama-3.1-8B shapes: decode step time
+#      at batch 1/64/256 with CUDA graphs on and off, the nano-vllm workload
+#      (graphs on) and a torch.profiler summary at batch 64 (GPU busy
+#      fraction, launches and host time per decode step). It gets whatever
+#      time the earlier steps left.
+# Results: $OUT/gpu_check.tar.gz (every log, JSON and markdown, JUnit XML of
+# the tests) and $OUT/gpu_check_summary.txt next to it (steps, their status,
+# the benchmark tables). $OUT defaults to bench/out/gpu_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+mode=cuda
+if [[ "${1:-}" == "--cpu" ]]; then
+    mode=cpu
+fi
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+out=${OUT:-bench/out/gpu_check}
+stage="$out/gpu_check"  # archived, then removed: one archive is the result
+rm -rf "$stage"
+mkdir -p "$stage"
+summary="$out/gpu_check_summary.txt"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+deadline=$((start + ${GPU_CHECK_BUDGET_S:-530}))  # 9 minutes less the archiving
+status=0
+steps=()
+
+# run_step NAME TIMEOUT_S COMMAND...: log to $stage/NAME.txt, record status and time.
+run_step() {
+    local name=$1 limit=$2 begin rc note state
+    shift 2
+    echo "== $name (timeout ${limit}s): $*"
+    begin=$(date +%s)
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$stage/$name.txt"
+    rc=${PIPESTATUS[0]}
+    # pytest's closing counts line; else, for a failure, the last line of the log
+    note=$(grep -E '^=* ?[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$stage/$name.txt" | tail -n 1)
+    if [[ -z $note && $rc -ne 0 ]]; then note=$(tail -n 1 "$stage/$name.txt"); fi
+    if [[ $rc -eq 0 ]]; then
+        state=ok
+    elif [[ $rc -eq 5 && $mode == cpu ]]; then
+        state=ok  # pytest selected nothing: the CUDA cases do not exist without a GPU
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        state=TIMEOUT; status=1
+    else
+        state="FAILED(rc=$rc)"; status=1
+    fi
+    steps+=("$(printf '%-20s %-14s %5ss  %s' "$name" "$state" "$(($(date +%s) - begin))" "${note:0:100}")")
+}
+
+# test_step NAME TIMEOUT_S FILE PYTEST_ARGS...: a pytest step that reports a missing FILE instead of failing.
+test_step() {
+    local name=$1 limit=$2 file=$3
+    shift 3
+    if [[ ! -f $file ]]; then
+        echo "== $name: $file is MISSING from this checkout"
+        steps+=("$(printf '%-20s %-14s %5ss  %s' "$name" MISSING 0 "$file not in this checkout")")
+        return
+    fi
+    run_step "$name" "$limit" "$PY" -m pytest "$file" "$@" -q -p no:cacheprovider --junitxml="$stage/$name.xml"
+}
+
+{
+    date -u +%FT%TZ
+    git rev-parse HEAD 2>/dev/null || echo "no git"
+    git status --short 2>/dev/null | head -n 40
+    "$PY" -c 'import sys, torch, triton, transformers as tf; print(sys.version.split()[0], "torch", torch.__version__,
+        "triton", triton.__version__, "transformers", tf.__version__,
+        "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    fi
+} 2>&1 | tee "$stage/env.txt"
+
+if [[ $mode == cuda ]]; then
+    # Not the sm_90 compile check: on a GPU the CUDA cases compile for real.
+    kernel_select=(-k "cuda and not compile_for_cuda")
+    bench_args=(--models Qwen3-0.6B,Llama-3.1-8B)
+    kernels_args=()
+else
+    # A few interpreter cases, to check the plumbing; the rest of the CPU cases run in tests/.
+    kernel_select=(-k "cpu-fp32 and (store_kv or 16-64-1 or dispatch or 2048-64-1-64-16 or allocates or 40960)")
+    bench_args=(--cpu --models tiny-qwen3)
+    kernels_args=(--cpu)
+fi
+
+echo "== 1. CUDA tests ($mode)"
+test_step tests_kernels 150 tests/test_kernels.py tests/test_decode_graph_safe.py "${kernel_select[@]}"
+test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
+# All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
+# prepared on a bare GPU machine.
+test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"
+
+echo "== 2. kernel benchmark ($mode)"
+run_step bench_kernels 75 "$PY" -m bench.kernels "${kernels_args[@]}" --out "$stage/kernels.json"
+
+echo "== 3. engine benchmark ($mode)"
+left=$((deadline - $(date +%s)))
+if [[ $left -lt 90 ]]; then
+    steps+=("$(printf '%-20s %-14s %5ss  %s' gpu_bench SKIPPED 0 "only ${left}s left of the budget")")
+    status=1
+else
+    # Nested limits: this step's timeout > gpu.sh's own > the Python budget, which stops starting phases
+    # early enough to write its tables.
+    run_step gpu_bench $((left - 5)) env GPU_BENCH_TIMEOUT=$((left - 20)) OUT="$stage/gpu_bench" PYTHON="$PY" \
+        bash bench/gpu.sh "${bench_args[@]}" --budget-s $((left - 50)) --graphs on,off --profile --no-transformers
+fi
+
+{
+    echo "gpu_check ($mode) $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')," \
+        "$(($(date +%s) - start)) s, $([[ $status -eq 0 ]] && echo 'all steps ok' || echo 'SOME STEPS FAILED')"
+    echo
+    printf '%s\n' "${steps[@]}"
+    if [[ -f $stage/kernels.json ]]; then
+        echo
+        grep -E '^(device-to-device|store_kv|decode|prefill)' "$stage/bench_kernels.txt"
+    fi
+    if [[ -f $stage/gpu_bench/gpu_bench.md ]]; then
+        echo
+        cat "$stage/gpu_bench/gpu_bench.md"
+    fi
+} > "$summary"
+cp "$summary" "$stage/"
+tar -czf "$out/gpu_check.tar.gz" -C "$out" gpu_check && rm -rf "$stage"
+echo
+cat "$summary"
+echo "== results: $out/gpu_check.tar.gz, $summary (status $status)"
+exit $status
