@@ -172,7 +172,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        self.sampler.drop(output.finished_request_ids)
         if output.block_copies:
             self._copy_blocks(output.block_copies)
         scheduled = output.scheduled
