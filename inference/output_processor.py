@@ -1,17 +1,18 @@
-"""Turns sampled tokens into RequestOutputs: text, stop strings, logprobs.
+"""Turns the core's token ids into RequestOutputs: text, stop strings, logprobs.
 
 It keeps one state per caller-visible request (all n samples) and never
-touches the scheduler; stop strings it detects are reported back to the
-engine, which asks the scheduler to finish those requests.
+touches the core; the samples a stop string finishes are handed back to the
+caller, which aborts them in the core (a direct call in-process, a message
+across processes). Tokens the core produced before it heard are dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inference.core_protocol import StepOutputs, sample_request_id
 from inference.detokenizer import IncrementalDetokenizer
 from inference.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from inference.request import Request
 from inference.sampling_params import SamplingParams
 
 
@@ -45,6 +46,7 @@ class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestState] = {}
+        self._pending: list[str] = []  # aborted requests whose final output is due
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
             params: SamplingParams, arrival_time: float) -> None:
@@ -67,51 +69,86 @@ class OutputProcessor:
                 out[t] = Logprob(lp, rank, texts[ids.index(t)])
         return out
 
-    def process_prompt_logprobs(self, parent_id: str, first_pos: int, entries: list) -> None:
+    def _process_prompt_logprobs(self, state: _RequestState, first_pos: int, entries: list) -> None:
         """Prompt logprobs of one chunk; entry j scores prompt token first_pos + j + 1.
         A chunk recomputed after preemption is already recorded and skipped."""
-        state = self.states[parent_id]
         known = state.prompt_logprobs
         for j, entry in enumerate(entries):
             if first_pos + j + 1 == len(known):
                 known.append(self._decode_logprobs(entry, state.prompt_token_ids[first_pos + j + 1]))
 
-    def process_token(self, request: Request, token_id: int, logprobs, now: float) -> bool:
-        """Add one sampled token; True if a stop string finished the sample."""
-        state = self.states[request.parent_id]
-        sample = state.samples[request.sample_index]
-        metrics = state.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        metrics.last_token_time = now
-        state.num_cached_tokens = max(state.num_cached_tokens, request.num_cached_tokens)
-        sample.token_ids.append(token_id)
-        sample.num_new += 1
-        if sample.logprobs is not None and logprobs is not None:
-            sample.logprobs.append(self._decode_logprobs(logprobs, token_id))
-        if sample.detokenizer.add_token(token_id):
-            sample.stop_reason = sample.detokenizer.stop_reason
-            return True
-        return False
+    def process(self, step: StepOutputs) -> tuple[list[RequestOutput], list[str]]:
+        """One step's news as RequestOutputs, plus the sample ids a stop string
+        finished here: the caller must abort those in the core."""
+        stopped: list[str] = []
+        touched = dict.fromkeys(self._pending)
+        self._pending = []
+        for out in step.outputs:
+            state = self.states.get(out.request_id)
+            if state is None:
+                continue  # aborted here while the core was still stepping it
+            sample = state.samples[out.sample_index]
+            if sample.finish_reason is not None:
+                continue  # a stop string ended it; the core had not heard yet
+            metrics = state.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = step.scheduled_time
+            if out.prompt_logprobs is not None:
+                self._process_prompt_logprobs(state, *out.prompt_logprobs)
+            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            if out.new_token_ids:
+                touched[out.request_id] = None
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = step.token_time
+                metrics.last_token_time = step.token_time
+            for token_id in out.new_token_ids:
+                sample.token_ids.append(token_id)
+                sample.num_new += 1
+                if sample.logprobs is not None and out.logprobs is not None:
+                    sample.logprobs.append(self._decode_logprobs(out.logprobs, token_id))
+                if sample.detokenizer.add_token(token_id):
+                    # A stop string on the last allowed token still reads "stop".
+                    sample.stop_reason = sample.detokenizer.stop_reason
+                    self._finish(state, sample, "stop", step.token_time)
+                    if out.finish_reason is None:
+                        stopped.append(sample_request_id(out.request_id, out.sample_index))
+                    break
+            if out.finish_reason is not None and sample.finish_reason is None:
+                sample.stop_reason = out.stop_reason
+                self._finish(state, sample, out.finish_reason, step.token_time)
+                touched[out.request_id] = None
+        return [self._make_output(request_id) for request_id in touched if request_id in self.states], stopped
 
-    def mark_scheduled(self, parent_id: str, now: float) -> None:
-        metrics = self.states[parent_id].metrics
-        if metrics.first_scheduled_time is None:
-            metrics.first_scheduled_time = now
-
-    def finish(self, request: Request, reason: str, now: float) -> None:
-        state = self.states.get(request.parent_id)
+    def abort(self, request_id: str, now: float) -> list[str]:
+        """Finish a request as aborted; its output comes with the next
+        `process`. Returns the ids of its samples the core may still run."""
+        state = self.states.get(request_id)
         if state is None:
-            return
-        sample = state.samples[request.sample_index]
-        if sample.finish_reason is None:
-            sample.finish_reason = reason
-            if sample.stop_reason is None:
-                sample.stop_reason = request.stop_reason
+            return []
+        running = [sample_request_id(request_id, i) for i, s in enumerate(state.samples) if s.finish_reason is None]
+        # Samples that finished earlier keep their reason.
+        for sample in state.samples:
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+        state.metrics.finished_time = now
+        self._pending.append(request_id)
+        return running
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request that failed; nobody will read its output."""
+        self.states.pop(request_id, None)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    @staticmethod
+    def _finish(state: _RequestState, sample: _Sample, reason: str, now: float) -> None:
+        sample.finish_reason = reason
         if state.finished:
             state.metrics.finished_time = now
 
-    def make_output(self, parent_id: str) -> RequestOutput:
+    def _make_output(self, parent_id: str) -> RequestOutput:
         state = self.states[parent_id]
         finished = state.finished
         outputs = []

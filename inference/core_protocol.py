@@ -1,0 +1,113 @@
+"""What the front end and the engine core say to each other.
+
+Small flat msgspec structs, msgpack on the wire. The core speaks in token
+ids only: text, stop strings and decoded logprobs are the front end's work,
+so the core never waits on a tokenizer. One `StepOutputs` per engine step
+carries every scheduled request's news and the engine stats, so the cost of
+crossing the process boundary is paid once per step, not once per token.
+
+The same structs serve the in-process `LLMEngine`, which calls the core
+directly and never encodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from inference.config import EngineConfig
+from inference.sampler import LogprobEntry
+from inference.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float  # used blocks / total
+    kv_waste_ratio: float  # allocated slots not holding a token / allocated slots
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens_computed: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens served from the prefix cache."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+def sample_request_id(request_id: str, index: int) -> str:
+    """Core id of sample `index` of a caller's request; sample 0 keeps the id."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
+# ---- front end -> core -------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, tag=True, array_like=True):
+    request_id: str  # the caller's id; the core derives its samples' ids
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float  # time.monotonic(), one clock for both processes on Linux
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class AbortRequests(msgspec.Struct, tag=True, array_like=True):
+    request_ids: list[str]  # sample ids (see `sample_request_id`)
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+CoreInput = AddRequest | AbortRequests | Shutdown
+
+
+# ---- core -> front end -------------------------------------------------------
+
+
+class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One scheduled sample's news from one step."""
+
+    request_id: str  # the caller's id
+    sample_index: int
+    new_token_ids: list[int]  # empty for a prefill chunk that sampled nothing
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | None = None  # the stop token id, if one ended it
+    logprobs: LogprobEntry | None = None  # of the new token, when asked for
+    prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # (first position, entries) of this chunk
+
+
+class StepOutputs(msgspec.Struct, tag=True, array_like=True):
+    outputs: list[SampleOutput]
+    scheduled_time: float  # when the step was scheduled: ends the queue time of new requests
+    token_time: float  # when its tokens were sampled
+    # Filled in by the core process only:
+    stats: EngineStats | None = None
+    num_adds: int = 0  # adds applied since the previous message; they leave the front end's queue count
+    rejected: list[tuple[str, str]] = []  # (request id, error) of adds the core refused
+    failed: list[str] = []  # request ids whose step failed; the core aborted them
+    failure: str = ""  # why they failed
+
+
+class CoreReady(msgspec.Struct, tag=True, array_like=True):
+    """Sent once, after the model is loaded and the KV cache is sized."""
+
+    config: EngineConfig
+    vocab_size: int
+    stats: EngineStats
+
+
+class CoreFailed(msgspec.Struct, tag=True, array_like=True):
+    """The core could not start or died; it exits right after."""
+
+    error: str
+
+
+CoreOutput = StepOutputs | CoreReady | CoreFailed

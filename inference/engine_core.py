@@ -1,0 +1,158 @@
+"""The engine core: one `step()` is schedule -> run -> update.
+
+    scheduler.schedule()      which requests, how many tokens each
+    runner.execute(...)       one forward pass, sampled token ids
+    scheduler.update(...)     computed counts, new tokens, token-level stops
+
+It deals in token ids only and hands back one flat `StepOutputs` per step;
+text, stop strings and decoded logprobs belong to the `OutputProcessor` on
+the caller's side. That keeps the core free to run in its own process
+(`inference/core_process.py`) with nothing between two steps but the model.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from inference.block_manager import BlockManager
+from inference.config import EngineConfig
+from inference.core_protocol import AddRequest, EngineStats, SampleOutput, StepOutputs, sample_request_id
+from inference.model_runner import ModelRunner
+from inference.request import Request, RequestStatus
+from inference.sampling_params import SamplingParams
+from inference.scheduler import Scheduler
+
+
+class StepError(RuntimeError):
+    """The forward pass failed; the requests in that step were aborted, the
+    engine itself is still usable."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
+def check_request(token_ids: list[int], params: SamplingParams, config: EngineConfig, vocab_size: int) -> None:
+    """Raise ValueError if the engine cannot run this prompt with these params.
+
+    Callers run it before handing a request over, so bad input fails at the
+    door, before anything streams."""
+    max_len = config.max_model_len
+    if not token_ids:
+        raise ValueError("prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(token_ids) >= max_len:
+        raise ValueError(
+            f"prompt has {len(token_ids)} tokens, max_model_len is {max_len}: no room left to generate a token"
+        )
+    if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
+        raise ValueError(
+            f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}, "
+            f"together over max_model_len {max_len}"
+        )
+    bad_ids = [t for t in [*(params.logit_bias or {}), *params.stop_token_ids] if t >= vocab_size]
+    if bad_ids:
+        raise ValueError(f"logit_bias and stop_token_ids must be token ids below {vocab_size}, got {bad_ids[0]}")
+    if params.n > config.max_num_seqs:
+        raise ValueError(f"n is {params.n}, over max_num_seqs {config.max_num_seqs}")
+
+
+def _eos_token_ids(folder: str) -> tuple[int, ...]:
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    except OSError:
+        eos = None
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    tokenizer_eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return tuple(sorted(ids))
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(config.model)
+        self.runner = ModelRunner(config, self.hf_config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+
+    def add_request(self, add: AddRequest) -> None:
+        params = add.params
+        check_request(add.prompt_token_ids, params, self.config, self.vocab_size)
+        if add.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {add.request_id!r} is already in use")
+
+        def sample(index: int) -> Request:
+            return Request(
+                sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt,
+            )
+
+        leader = sample(0)
+        leader.pending_samples = [sample(i) for i in range(1, params.n)]
+        self.scheduler.add_request(leader)
+
+    def abort_requests(self, sample_ids: list[str]) -> None:
+        """Finish these samples and free their blocks; unknown ids (already
+        finished) are ignored, so aborts may race with normal finishes."""
+        for sample_id in sample_ids:
+            self.scheduler.finish_request(sample_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepOutputs:
+        sched = self.scheduler.schedule()
+        scheduled_at = time.monotonic()  # queue time ends here, before the forward pass
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:
+            parent_ids = list(dict.fromkeys(r.parent_id for r, _ in sched.scheduled))
+            failed = set(parent_ids)
+            self.abort_requests([rid for rid, r in self.scheduler.requests.items() if r.parent_id in failed])
+            raise StepError(parent_ids, exc) from exc
+        now = time.monotonic()
+        sampled = dict(zip(result.request_ids, result.sampled.token_ids))
+        logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
+        self.scheduler.update(sched, sampled)
+        outputs = []
+        for request, _ in sched.scheduled:
+            rid = request.request_id
+            token_id = sampled.get(rid)
+            status = request.status
+            outputs.append(SampleOutput(
+                request.parent_id, request.sample_index, [] if token_id is None else [token_id],
+                num_cached_tokens=request.num_cached_tokens,
+                finish_reason=status.value if status.finished else None,
+                stop_reason=request.stop_reason if status.finished else None,
+                logprobs=logprobs.get(rid),
+                prompt_logprobs=result.prompt_logprobs.get(rid),
+            ))
+        return StepOutputs(outputs, scheduled_at, now)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        allocated = filled = 0
+        for request in self.scheduler.running:
+            allocated += len(request.block_table) * bm.block_size
+            filled += request.num_computed_tokens
+        total = bm.num_blocks
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_total_blocks=total,
+            num_free_blocks=bm.num_free_blocks,
+            kv_cache_usage=bm.num_used_blocks / total,
+            kv_waste_ratio=(allocated - filled) / allocated if allocated else 0.0,
+            num_preemptions=self.scheduler.stats.num_preemptions,
+            prefix_cache_queries=self.scheduler.stats.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.stats.prefix_cache_hits,
+            prompt_tokens_computed=self.scheduler.stats.prompt_tokens_computed,
+        )
