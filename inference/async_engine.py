@@ -1,59 +1,62 @@
-"""Asyncio front of the engine: one thread owns the LLMEngine and steps it.
+"""Asyncio front end of the engine core, which runs in its own process.
 
-Only the loop thread ever touches the engine, including building it, so a
-slow model load or a slow step never blocks the event loop. The event loop
-hands adds and aborts to that thread through a thread-safe queue; the thread
-applies them between steps. Each request has its own asyncio.Queue, filled
-from the thread with `loop.call_soon_threadsafe`; the table of open streams
-lives on the event loop, so no lock is needed.
+The core process (`inference/core_process.py`) steps the model in a busy
+loop; this side owns the tokenizer, the output processor (text, stop
+strings, logprobs) and the per-request streams. They talk over two ZeroMQ
+IPC sockets with msgpack structs: adds and aborts go out as they happen, and
+one `StepOutputs` per step comes back. A single task on the event loop reads
+those and dispatches them to the open streams, so nothing here is shared
+between threads and the model never waits for the HTTP server.
+
+The core is watched through its process sentinel: if it dies, every open
+request fails with EngineDeadError at once and `is_alive` turns False.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
+import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+import zmq
+import zmq.asyncio
+
+from inference.core_process import run_engine_core
+from inference.core_protocol import (
+    AbortRequests,
+    AddRequest,
+    CoreFailed,
+    CoreOutput,
+    CoreReady,
+    Shutdown,
+    StepOutputs,
+    check_request,
+)
+from inference.output_processor import OutputProcessor
 from inference.outputs import RequestOutput
 from inference.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from inference.config import EngineConfig
-    from inference.engine import EngineStats, LLMEngine
+    from inference.core_protocol import EngineStats
+    from inference.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The loop thread stopped (failed model load, crash or shutdown)."""
+    """The engine core stopped (failed model load, crash or shutdown)."""
 
 
 class RequestFailedError(RuntimeError):
     """The engine raised while running this request; other requests go on."""
-
-
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float
-    cache_salt: str | None
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
-
-
-class _Stop:
-    pass
 
 
 class RequestStream:
@@ -64,8 +67,6 @@ class RequestStream:
         self.finished = False
         self._owner = owner
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        # resolved once the loop thread has accepted or rejected the request
-        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -86,40 +87,55 @@ class RequestStream:
             self.finished = True
             self._owner._abort(self.request_id)
 
-    def _fail(self, error: BaseException) -> None:
-        if not self.accepted.done():
-            self.accepted.set_exception(error)
-            # nobody awaits `accepted` if the caller was cancelled meanwhile
-            self.accepted.exception()
-        self._queue.put_nowait(error)
-
 
 class AsyncLLM:
     def __init__(
         self,
-        engine_factory: Callable[[], LLMEngine],
+        core_factory: Callable[[], EngineCore],
         stats_logger: Callable[[list[RequestOutput], EngineStats], None] | None = None,
     ) -> None:
-        """Start the loop thread; it builds the engine with `engine_factory`.
+        """Start the core process; it builds the core with `core_factory`,
+        which must be picklable (a module-level function or a partial of one).
 
-        `stats_logger(outputs, stats)`, if given, runs on the loop thread
-        after every step (and with no outputs once the engine is built, and
-        while idle); it must be quick and must not touch the engine.
+        `stats_logger(outputs, stats)`, if given, runs on the event loop for
+        every message from the core (once the core is loaded, after every
+        step, and after adds or aborts applied while idle), before the
+        outputs reach their streams.
         """
-        self._loop = asyncio.get_running_loop()
-        self._engine_factory = engine_factory
         self._stats_logger = stats_logger
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # event loop only
-        self._num_unaccepted = 0  # adds the loop thread has not applied yet
+        self._streams: dict[str, RequestStream] = {}
+        self._num_unaccepted = 0  # adds the core has not applied yet
         self._ready = asyncio.Event()
-        self._stats: EngineStats | None = None  # snapshot, replaced whole by the thread
+        self._stats: EngineStats | None = None
+        self._processor: OutputProcessor | None = None
         self.config: EngineConfig | None = None
+        self.vocab_size = 0
         self.dead_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._socket_dir = tempfile.mkdtemp(prefix="pagedinfer-core-")
+        input_address = f"ipc://{self._socket_dir}/input"
+        output_address = f"ipc://{self._socket_dir}/output"
+        self._context = zmq.asyncio.Context()
+        # A plain (not asyncio) socket: with no high-water mark a send to a
+        # connected core queues at once, so the event loop never waits on it.
+        self._inputs = zmq.Socket(self._context, zmq.PUSH)
+        self._inputs.setsockopt(zmq.SNDHWM, 0)
+        self._inputs.bind(input_address)
+        self._outputs = self._context.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.RCVHWM, 0)
+        self._outputs.bind(output_address)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreOutput)
+        # spawn, not fork: the parent may hold threads and a CUDA context.
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid()),
+            name="engine-core", daemon=True,
+        )
+        self._process.start()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._process.sentinel, self._core_exited)
+        self._reader = asyncio.create_task(self._read_outputs())
 
-    # ---- event loop side -------------------------------------------------
+    # ---- state -----------------------------------------------------------
 
     @property
     def is_ready(self) -> bool:
@@ -127,16 +143,20 @@ class AsyncLLM:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_error is None and self._thread.is_alive()
+        return self.dead_error is None and self._process.is_alive()
+
+    @property
+    def core_pid(self) -> int | None:
+        return self._process.pid
 
     async def wait_ready(self) -> None:
-        """Return once the engine is loaded; raise EngineDeadError if loading failed."""
+        """Return once the core is loaded; raise EngineDeadError if loading failed."""
         await self._ready.wait()
         if self.dead_error is not None:
-            raise EngineDeadError(f"engine failed to start: {self.dead_error!r}")
+            raise EngineDeadError(f"engine failed to start: {self.dead_error}")
 
     def stats(self) -> EngineStats | None:
-        """The engine's stats as of the last step (None before the first)."""
+        """The engine's stats as of the core's last message (None before it is loaded)."""
         return self._stats
 
     @property
@@ -149,6 +169,8 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    # ---- requests --------------------------------------------------------
+
     async def add_request(
         self,
         request_id: str,
@@ -159,28 +181,24 @@ class AsyncLLM:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
     ) -> RequestStream:
-        """Queue a request and wait until the engine took it.
-
-        Raises the engine's ValueError for bad input, so callers can answer
-        with an error before they start streaming.
-        """
-        if not self.is_alive:
+        """Hand a request to the core; raises ValueError for bad input, so
+        callers can answer with an error before they start streaming."""
+        if not self.is_ready:
             raise EngineDeadError("engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        processor = self._processor
+        if isinstance(prompt, str):
+            prompt_text, token_ids = prompt, processor.tokenizer.encode(prompt)
+        else:
+            prompt_text, token_ids = None, list(prompt)
+        check_request(token_ids, params, self.config, self.vocab_size)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
+        processor.add(request_id, prompt_text, token_ids, params, arrival)
         self._num_unaccepted += 1
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._commands.put(_Add(request_id, prompt, params, priority, arrival, cache_salt))
-        try:
-            await asyncio.shield(stream.accepted)
-        except asyncio.CancelledError:
-            stream.abort()
-            raise
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
+        self._send(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt))
         return stream
 
     async def generate(
@@ -204,100 +222,88 @@ class AsyncLLM:
             stream.abort()
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop thread and fail whatever is still open."""
-        self._commands.put(_Stop())
-        await asyncio.to_thread(self._thread.join, timeout)
+        """Stop the core process and fail whatever is still open."""
+        if self.dead_error is None:
+            self.dead_error = EngineDeadError("engine shut down")
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        if self._process.is_alive():
+            try:
+                self._send(Shutdown())
+                await asyncio.to_thread(self._process.join, timeout)
+            except EngineDeadError:
+                pass  # still loading, not listening yet: kill it below
+            if self._process.is_alive():
+                logger.error("engine core did not stop; killing it")
+                self._process.kill()
+                await asyncio.to_thread(self._process.join)
+        self._reader.cancel()
         self._fail_all(EngineDeadError("engine shut down"))
+        self._inputs.close(linger=0)
+        self._outputs.close(linger=0)
+        self._context.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _send(self, message: AddRequest | AbortRequests | Shutdown) -> None:
+        try:
+            self._inputs.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:  # only a core that never connected refuses
+            raise EngineDeadError("the engine core is not connected") from None
 
     def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self._commands.put(_Abort(request_id))
-
-    def _accepted(self, request_id: str, error: BaseException | None) -> None:
-        self._num_unaccepted -= 1
-        stream = self._streams.get(request_id)
-        if stream is None or stream.accepted.done():
+        if self._streams.pop(request_id, None) is None or self._processor is None:
             return
-        if error is None:
-            stream.accepted.set_result(None)
-        else:
-            self._streams.pop(request_id)
-            stream.accepted.set_exception(error)
+        sample_ids = self._processor.abort(request_id, time.monotonic())
+        if sample_ids and self.is_alive:
+            self._send(AbortRequests(sample_ids))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    # ---- messages from the core -------------------------------------------
+
+    async def _read_outputs(self) -> None:
+        while True:
+            message = self._decoder.decode(await self._outputs.recv(copy=False))
+            if isinstance(message, StepOutputs):
+                self._on_step(message)
+            elif isinstance(message, CoreReady):
+                await self._on_ready(message)
+            elif isinstance(message, CoreFailed):
+                self._die(message.error)
+
+    async def _on_ready(self, ready: CoreReady) -> None:
+        from transformers import AutoTokenizer
+
+        # Our own tokenizer instance: the server tokenizes prompts on another
+        # thread, and a fast tokenizer must not be used from two at once.
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, ready.config.model)
+        self._processor = OutputProcessor(tokenizer)
+        self.config, self.vocab_size = ready.config, ready.vocab_size
+        self._stats = ready.stats
+        self._log_stats([], ready.stats)
+        self._ready.set()
+
+    def _on_step(self, step: StepOutputs) -> None:
+        processor = self._processor
+        self._num_unaccepted -= step.num_adds
+        now = time.monotonic()
+        for request_id, error in step.rejected:
+            processor.drop(request_id)
+            self._fail(request_id, RequestFailedError(error))
+        for request_id in step.failed:
+            processor.abort(request_id, now)  # the abort shows in the metrics; the caller gets the error
+            self._fail(request_id, RequestFailedError(step.failure))
+        outputs, stopped = processor.process(step)
+        if stopped:
+            self._send(AbortRequests(stopped))
+        self._stats = step.stats
+        # Metrics first: a client that has its output sees it in /metrics.
+        self._log_stats(outputs, step.stats)
+        streams = self._streams
         for output in outputs:
-            stream = self._streams.get(output.request_id)
+            stream = streams.get(output.request_id)
             if stream is None:  # aborted meanwhile
                 continue
             if output.finished:
-                del self._streams[output.request_id]
+                del streams[output.request_id]
             stream._queue.put_nowait(output)
-
-    def _fail(self, request_ids: list[str], error: BaseException) -> None:
-        for request_id in request_ids:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream._fail(error)
-
-    def _fail_all(self, error: BaseException) -> None:
-        self._num_unaccepted = 0
-        self._fail(list(self._streams), error)
-        self._ready.set()  # wake wait_ready() so it can report the failure
-
-    def _call_in_loop(self, fn: Callable[..., object], *args: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # event loop already closed: nobody is listening
-            pass
-
-    # ---- loop thread -----------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            engine = self._engine_factory()
-            self.config = engine.config
-            self._stats = engine.stats()
-            self._log_stats([], self._stats)
-            self._call_in_loop(self._ready.set)
-            self._serve(engine)
-        except BaseException as exc:  # noqa: BLE001 - any crash must reach /health
-            logger.exception("engine loop died")
-            self.dead_error = exc
-            self._call_in_loop(self._fail_all, EngineDeadError(f"engine loop died: {exc!r}"))
-
-    def _serve(self, engine: LLMEngine) -> None:
-        from inference.engine import StepError
-
-        request_ids: set[str] = set()  # requests the engine holds
-        while True:
-            if not self._apply_commands(engine, request_ids, block=not engine.has_unfinished_requests()):
-                return
-            outputs: list[RequestOutput] = []
-            if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except StepError as exc:
-                    # Only the requests of the failed step are lost.
-                    logger.exception("engine step failed; failing %d requests", len(exc.request_ids))
-                    self._call_in_loop(self._fail, exc.request_ids, RequestFailedError(str(exc)))
-                    request_ids.difference_update(exc.request_ids)
-                    outputs = []
-                except Exception as exc:
-                    # Failed outside the forward pass: which requests are hurt
-                    # is unknown, so every request it holds is failed and
-                    # aborted; the loop and later requests go on.
-                    logger.exception("engine step failed; failing %d requests", len(request_ids))
-                    for request_id in request_ids:
-                        engine.abort_request(request_id)
-                    self._call_in_loop(self._fail, list(request_ids), RequestFailedError(f"engine error: {exc!r}"))
-                    request_ids.clear()
-                    outputs = []
-                request_ids.difference_update(o.request_id for o in outputs if o.finished)
-            self._stats = engine.stats()
-            # Metrics first: a client that has its output sees it in /metrics.
-            self._log_stats(outputs, self._stats)
-            if outputs:
-                self._call_in_loop(self._deliver, outputs)
 
     def _log_stats(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         if self._stats_logger is None:
@@ -308,31 +314,26 @@ class AsyncLLM:
             logger.exception("stats logger failed; metrics are off from now on")
             self._stats_logger = None
 
-    def _apply_commands(self, engine: LLMEngine, request_ids: set[str], *, block: bool) -> bool:
-        """Apply queued adds and aborts; False once asked to stop."""
-        while True:
-            try:
-                command = self._commands.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if isinstance(command, _Stop):
-                return False
-            if isinstance(command, _Abort):
-                engine.abort_request(command.request_id)
-                request_ids.discard(command.request_id)
-                continue
-            try:
-                engine.add_request(
-                    command.request_id,
-                    command.prompt,
-                    command.params,
-                    priority=command.priority,
-                    arrival_time=command.arrival_time,
-                    cache_salt=command.cache_salt,
-                )
-            except Exception as exc:  # bad input fails this request only
-                self._call_in_loop(self._accepted, command.request_id, exc)
-            else:
-                request_ids.add(command.request_id)
-                self._call_in_loop(self._accepted, command.request_id, None)
+    # ---- failures ---------------------------------------------------------
+
+    def _core_exited(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        self._process.join()
+        self._die(f"engine core process exited with code {self._process.exitcode}")
+
+    def _die(self, reason: str) -> None:
+        if self.dead_error is None:
+            logger.error("engine core died: %s", reason)
+            self.dead_error = EngineDeadError(reason)
+        self._fail_all(EngineDeadError(f"engine core died: {reason}"))
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._queue.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._num_unaccepted = 0
+        for request_id in list(self._streams):
+            self._fail(request_id, error)
+        self._ready.set()  # wake wait_ready() so it can report the failure

@@ -45,6 +45,32 @@ def sample_request_id(request_id: str, index: int) -> str:
     return request_id if index == 0 else f"{request_id}#{index}"
 
 
+def check_request(token_ids: list[int], params: SamplingParams, config: EngineConfig, vocab_size: int) -> None:
+    """Raise ValueError if the engine cannot run this prompt with these params.
+
+    Callers run it before handing a request over, so bad input fails at the
+    door, before anything streams."""
+    max_len = config.max_model_len
+    if not token_ids:
+        raise ValueError("prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(token_ids) >= max_len:
+        raise ValueError(
+            f"prompt has {len(token_ids)} tokens, max_model_len is {max_len}: no room left to generate a token"
+        )
+    if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
+        raise ValueError(
+            f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}, "
+            f"together over max_model_len {max_len}"
+        )
+    bad_ids = [t for t in [*(params.logit_bias or {}), *params.stop_token_ids] if t >= vocab_size]
+    if bad_ids:
+        raise ValueError(f"logit_bias and stop_token_ids must be token ids below {vocab_size}, got {bad_ids[0]}")
+    if params.n > config.max_num_seqs:
+        raise ValueError(f"n is {params.n}, over max_num_seqs {config.max_num_seqs}")
+
+
 # ---- front end -> core -------------------------------------------------------
 
 

@@ -17,8 +17,8 @@ import time
 from transformers import AutoTokenizer
 
 from inference.config import EngineConfig
-from inference.core_protocol import AddRequest, EngineStats
-from inference.engine_core import EngineCore, StepError, check_request
+from inference.core_protocol import AddRequest, EngineStats, check_request
+from inference.engine_core import EngineCore, StepError
 from inference.output_processor import OutputProcessor
 from inference.outputs import RequestOutput
 from inference.sampling_params import SamplingParams

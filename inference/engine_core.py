@@ -18,10 +18,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig
-from inference.core_protocol import AddRequest, EngineStats, SampleOutput, StepOutputs, sample_request_id
+from inference.core_protocol import AddRequest, EngineStats, SampleOutput, StepOutputs, check_request, sample_request_id
 from inference.model_runner import ModelRunner
 from inference.request import Request, RequestStatus
-from inference.sampling_params import SamplingParams
 from inference.scheduler import Scheduler
 
 
@@ -32,32 +31,6 @@ class StepError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
         self.request_ids = request_ids
-
-
-def check_request(token_ids: list[int], params: SamplingParams, config: EngineConfig, vocab_size: int) -> None:
-    """Raise ValueError if the engine cannot run this prompt with these params.
-
-    Callers run it before handing a request over, so bad input fails at the
-    door, before anything streams."""
-    max_len = config.max_model_len
-    if not token_ids:
-        raise ValueError("prompt is empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    if len(token_ids) >= max_len:
-        raise ValueError(
-            f"prompt has {len(token_ids)} tokens, max_model_len is {max_len}: no room left to generate a token"
-        )
-    if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
-        raise ValueError(
-            f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}, "
-            f"together over max_model_len {max_len}"
-        )
-    bad_ids = [t for t in [*(params.logit_bias or {}), *params.stop_token_ids] if t >= vocab_size]
-    if bad_ids:
-        raise ValueError(f"logit_bias and stop_token_ids must be token ids below {vocab_size}, got {bad_ids[0]}")
-    if params.n > config.max_num_seqs:
-        raise ValueError(f"n is {params.n}, over max_num_seqs {config.max_num_seqs}")
 
 
 def _eos_token_ids(folder: str) -> tuple[int, ...]:
@@ -104,6 +77,13 @@ class EngineCore:
         finished) are ignored, so aborts may race with normal finishes."""
         for sample_id in sample_ids:
             self.scheduler.finish_request(sample_id, RequestStatus.FINISHED_ABORTED)
+
+    def abort_all(self) -> list[str]:
+        """Abort every request; returns the caller ids it held."""
+        held = self.scheduler.requests
+        request_ids = list(dict.fromkeys(r.parent_id for r in held.values()))
+        self.abort_requests(list(held))
+        return request_ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -1,0 +1,152 @@
+"""The engine-core process: a busy loop that never waits on HTTP.
+
+    drain inputs     adds and aborts from the front end (ZeroMQ PULL); it
+                     blocks only while there is no work
+    core.step()      one forward pass
+    send outputs     ONE `StepOutputs` per step (ZeroMQ PUSH): every sample's
+                     new token ids, finishes, logprobs, and the engine stats
+
+The front end (`AsyncLLM`) binds both sockets and starts this process with
+the multiprocessing spawn context. The process says `CoreReady` once the
+model is loaded and the KV cache sized, or `CoreFailed` and exits. It ignores
+SIGINT (Ctrl+C reaches the whole process group; the front end decides when
+the core stops) and exits by itself when its parent dies, so it is never
+left behind holding the accelerator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from inference.core_protocol import AbortRequests, AddRequest, CoreFailed, CoreInput, CoreReady, Shutdown, StepOutputs
+
+if TYPE_CHECKING:
+    from inference.engine_core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 1.0  # how often the core looks for its parent; bounds the orphan's lifetime
+LINGER_MS = 2000  # how long a last message may wait to leave when the process exits
+
+
+def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, output_address: str,
+                    parent_pid: int) -> None:
+    """Entry point of the spawned process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    context = zmq.Context()
+    inputs = context.socket(zmq.PULL)
+    inputs.connect(input_address)
+    outputs = context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.LINGER, LINGER_MS)
+    outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
+    outputs.connect(output_address)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = core_factory()
+        outputs.send(encoder.encode(CoreReady(core.config, core.vocab_size, core.stats())))
+        _CoreLoop(core, inputs, outputs, encoder, parent_pid).run()
+    except BaseException as exc:  # noqa: BLE001 - the front end must hear why
+        logger.exception("engine core died")
+        outputs.send(encoder.encode(CoreFailed(repr(exc))))
+        raise SystemExit(1) from exc
+    finally:
+        inputs.close(linger=0)
+        outputs.close()
+        context.term()
+
+
+class _CoreLoop:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.msgpack.Encoder,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.encoder = encoder
+        self.decoder = msgspec.msgpack.Decoder(CoreInput)
+        self.parent_pid = parent_pid
+        self.next_parent_check = time.monotonic() + PARENT_CHECK_S
+        self.num_adds = 0
+        self.rejected: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        core = self.core
+        while True:
+            busy = core.has_unfinished_requests()
+            applied = self._drain(block=not busy)
+            if applied is None:
+                return
+            if core.has_unfinished_requests():
+                step = self._step()
+            elif applied:
+                now = time.monotonic()  # nothing to run, but the front end must see the new stats
+                step = StepOutputs([], now, now)
+            else:
+                continue
+            step.stats = core.stats()
+            step.num_adds, step.rejected = self.num_adds, self.rejected
+            self.num_adds, self.rejected = 0, []
+            self.outputs.send(self.encoder.encode(step), copy=False)
+
+    def _drain(self, *, block: bool) -> int | None:
+        """Apply every waiting input; when `block`, first wait for one.
+        Returns how many were applied, or None once told to shut down."""
+        now = time.monotonic()
+        if block or now >= self.next_parent_check:
+            self.next_parent_check = now + PARENT_CHECK_S
+            if os.getppid() != self.parent_pid:
+                logger.error("the front end is gone; engine core exiting")
+                return None
+        if block and not self.inputs.poll(PARENT_CHECK_S * 1000):
+            return 0
+        applied = 0
+        while True:
+            try:
+                message = self.decoder.decode(self.inputs.recv(zmq.NOBLOCK, copy=False).buffer)
+            except zmq.Again:
+                return applied
+            applied += 1
+            if isinstance(message, Shutdown):
+                return None
+            if isinstance(message, AbortRequests):
+                self.core.abort_requests(message.request_ids)
+                continue
+            self._add(message)
+
+    def _add(self, add: AddRequest) -> None:
+        self.num_adds += 1
+        try:
+            self.core.add_request(add)
+        except Exception as exc:  # bad input fails this request only
+            self.rejected.append((add.request_id, str(exc)))
+
+    def _step(self) -> StepOutputs:
+        # Imported here: the front end imports this module for the entry
+        # point and must not pay for the model runner's imports.
+        from inference.engine_core import StepError
+
+        try:
+            step = self.core.step()
+        except StepError as exc:
+            # Only the requests of the failed step are lost.
+            logger.exception("engine step failed; failing %d requests", len(exc.request_ids))
+            failed, failure = exc.request_ids, str(exc)
+        except Exception as exc:
+            # Failed outside the forward pass: which requests are hurt is
+            # unknown, so every request is failed and aborted; if aborting
+            # fails too, the core is broken and the process dies.
+            failed = self.core.abort_all()
+            logger.exception("engine step failed; failed %d requests", len(failed))
+            failure = f"engine error: {exc!r}"
+        else:
+            return step
+        now = time.monotonic()
+        return StepOutputs([], now, now, failed=failed, failure=failure)
