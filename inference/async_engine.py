@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -60,13 +61,18 @@ class RequestFailedError(RuntimeError):
 
 
 class RequestStream:
-    """Outputs of one request, in order; ends after the finished output."""
+    """Outputs of one request, in order; ends after the finished output.
+
+    Outputs are cumulative, so a reader that fell behind gets only the
+    latest of those waiting: under load a chunk carries several tokens
+    instead of the server falling further behind one token at a time."""
 
     def __init__(self, request_id: str, owner: AsyncLLM) -> None:
         self.request_id = request_id
         self.finished = False
         self._owner = owner
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -74,7 +80,13 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        items = self._items
+        while not items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        item = items.popleft()
+        while items and not isinstance(item, BaseException) and not isinstance(items[0], BaseException):
+            item = items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -86,6 +98,11 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._owner._abort(self.request_id)
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class AsyncLLM:
@@ -303,7 +320,7 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del streams[output.request_id]
-            stream._queue.put_nowait(output)
+            stream._put(output)
 
     def _log_stats(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         if self._stats_logger is None:
@@ -330,7 +347,7 @@ class AsyncLLM:
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream._queue.put_nowait(error)
+            stream._put(error)
 
     def _fail_all(self, error: BaseException) -> None:
         self._num_unaccepted = 0

@@ -9,9 +9,10 @@
 The front end (`AsyncLLM`) binds both sockets and starts this process with
 the multiprocessing spawn context. The process says `CoreReady` once the
 model is loaded and the KV cache sized, or `CoreFailed` and exits. It ignores
-SIGINT (Ctrl+C reaches the whole process group; the front end decides when
-the core stops) and exits by itself when its parent dies, so it is never
-left behind holding the accelerator.
+SIGINT and SIGTERM (Ctrl+C or a service manager reach the whole process
+group, and the front end must drain first; it sends `Shutdown` when done)
+and exits by itself when its parent dies, so it is never left behind
+holding the accelerator.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ LINGER_MS = 2000  # how long a last message may wait to leave when the process e
 def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, output_address: str,
                     parent_pid: int) -> None:
     """Entry point of the spawned process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)

@@ -2,12 +2,15 @@
 
 On SIGTERM (or Ctrl+C) the server keeps its socket open but answers /ready
 and new requests with 503, lets in-flight requests finish for up to
---shutdown-timeout seconds, then exits 0. A second signal stops at once.
+--shutdown-timeout seconds, stops the engine-core process, then exits 0. A
+second signal stops at once. The core process ignores these signals (Ctrl+C
+reaches the whole process group): only this process decides when it stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from pathlib import Path
@@ -73,13 +76,9 @@ def run_server(args: argparse.Namespace) -> int:
         metrics_compat=args.metrics_compat,
     )
 
-    def build_engine():
-        from inference.engine import LLMEngine
-        from server.cli import engine_config_from_args
+    from server.cli import build_core
 
-        return LLMEngine(engine_config_from_args(args))
-
-    app = create_app(settings, build_engine)
+    app = create_app(settings, functools.partial(build_core, args))
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
     server = DrainingServer(config, app.state.server)
     server.run()

@@ -1,8 +1,11 @@
 """The FastAPI application: routes, error shapes, middleware, and start-up.
 
-The app starts serving before the model is loaded: the engine loads on its
-own thread, /ready answers 503 until it is done, and /health reports
-whether the engine loop is alive.
+This process is the front end: HTTP, tokenization, chat templates,
+detokenization, stop strings, SSE and metrics. The engine core runs in its
+own process (see inference/async_engine.py), so the model never waits on
+the server. The app starts serving before the model is loaded: /ready
+answers 503 until the core reports it is loaded, and /health reports
+whether the core process is alive.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from server.routes import router
 from server.state import ServerSettings, ServerState
 
 if TYPE_CHECKING:
-    from inference.engine import LLMEngine
+    from inference.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +48,14 @@ async def _finish_loading(state: ServerState) -> None:
     logger.info("model %s loaded (max_model_len %d); ready", state.settings.served_model_name, config.max_model_len)
 
 
-def create_app(settings: ServerSettings, engine_factory: Callable[[], LLMEngine]) -> FastAPI:
-    """`engine_factory` builds the LLMEngine; it runs on the engine thread."""
+def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore]) -> FastAPI:
+    """`core_factory` builds the EngineCore; it is pickled to the core process."""
     state = ServerState(settings)
     metrics = EngineMetrics(state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine = AsyncLLM(engine_factory, stats_logger=metrics.record)
+        state.engine = AsyncLLM(core_factory, stats_logger=metrics.record)
         loading = asyncio.create_task(_finish_loading(state))
         yield
         state.draining = True

@@ -42,6 +42,14 @@ def engine_config_from_args(args: argparse.Namespace):
     )
 
 
+def build_core(args: argparse.Namespace):
+    """The engine core for `serve`. It runs in the core process, which gets
+    it pickled: keep it a module-level function of plain arguments."""
+    from inference.engine_core import EngineCore
+
+    return EngineCore(engine_config_from_args(args))
+
+
 def _prepare_model(args: argparse.Namespace) -> int:
     from inference.prepare import prepare_default_model
 

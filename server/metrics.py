@@ -1,12 +1,12 @@
 """Prometheus metrics for GET /metrics.
 
-`EngineMetrics.record(outputs, stats)` runs on the engine loop thread once
-per step (AsyncLLM calls it after every step); it turns the step's
-RequestOutputs and the engine's EngineStats into counters and histograms.
-All latencies come from the engine's own monotonic timestamps
-(`RequestOutput.metrics`), so they measure the engine, not the thread
-that happens to read them. A scrape renders the latest values; a lock keeps
-the two threads from seeing half a step.
+`EngineMetrics.record(outputs, stats)` runs on the event loop once per
+message from the engine core (AsyncLLM calls it for every step); it turns
+the step's RequestOutputs and the engine's EngineStats into counters and
+histograms. All latencies come from the engine's own monotonic timestamps
+(`RequestOutput.metrics`, taken in the core process on the same clock), so
+they measure the engine, not the server that reads them. A scrape runs on
+the same event loop, so it never sees half a step.
 
 Every series carries `model_name` (the --served-model-name), which the
 autoscaling queries in deploy/k8s filter on. With `--metrics-compat vllm`
@@ -25,7 +25,6 @@ What counts as what:
 
 from __future__ import annotations
 
-import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -122,61 +121,59 @@ class EngineMetrics(Collector):
         self.state = state
         self.model_name = state.settings.served_model_name
         self.vllm_names = state.settings.metrics_compat == "vllm"
-        self._lock = threading.Lock()
         self._gauges = dict.fromkeys(GAUGES, 0.0)
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._success = dict.fromkeys(FINISH_REASONS, 0)
         self._histograms = {key: Histogram(spec[3]) for key, spec in HISTOGRAMS.items()}
-        # request id -> time of its last step with new tokens (engine thread only)
+        # request id -> time of its last step with new tokens
         self._last_token_time: dict[str, float] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    # ---- engine loop thread ------------------------------------------------
+    # ---- per core message ----------------------------------------------------
 
     def record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        """Account one engine step; called on the loop thread after each step."""
+        """Account one engine step."""
         hist = self._histograms
-        with self._lock:
-            counters = self._counters
-            for output in outputs:
-                times = output.metrics
-                num_new = sum(output.new_token_counts)
-                if num_new and times is not None:
-                    now = times.last_token_time
-                    previous = self._last_token_time.get(output.request_id)
-                    if previous is None:  # the request's first tokens
-                        hist["ttft"].observe(times.first_token_time - times.arrival_time)
-                        counters["prompt_tokens"] += len(output.prompt_token_ids)
-                        previous = times.first_token_time
-                    # a completion's first token has no gap before it
-                    num_firsts = sum(1 for c, k in zip(output.outputs, output.new_token_counts)
-                                     if k and len(c.token_ids) == k)
-                    if num_new > num_firsts:
-                        hist["itl"].observe(now - previous, num_new - num_firsts)
-                    counters["generation_tokens"] += num_new
-                    self._last_token_time[output.request_id] = now
-                if output.finished:
-                    self._last_token_time.pop(output.request_id, None)
-                    if times is not None:
-                        if times.finished_time is not None:
-                            hist["e2e"].observe(times.finished_time - times.arrival_time)
-                        if times.first_scheduled_time is not None:
-                            hist["queue"].observe(times.first_scheduled_time - times.arrival_time)
-                    for completion in output.outputs:
-                        reason = completion.finish_reason or "abort"
-                        self._success[reason] = self._success.get(reason, 0) + 1
-            counters["preemptions"] = stats.num_preemptions
-            counters["prefix_queries"] = stats.prefix_cache_queries
-            counters["prefix_hits"] = stats.prefix_cache_hits
-            self._gauges.update(
-                running=stats.num_running,
-                waiting=stats.num_waiting,
-                kv_usage=stats.kv_cache_usage,
-                kv_waste=stats.kv_waste_ratio,
-                free_blocks=stats.num_free_blocks,
-                total_blocks=stats.num_total_blocks,
-            )
+        counters = self._counters
+        for output in outputs:
+            times = output.metrics
+            num_new = sum(output.new_token_counts)
+            if num_new and times is not None:
+                now = times.last_token_time
+                previous = self._last_token_time.get(output.request_id)
+                if previous is None:  # the request's first tokens
+                    hist["ttft"].observe(times.first_token_time - times.arrival_time)
+                    counters["prompt_tokens"] += len(output.prompt_token_ids)
+                    previous = times.first_token_time
+                # a completion's first token has no gap before it
+                num_firsts = sum(1 for c, k in zip(output.outputs, output.new_token_counts)
+                                 if k and len(c.token_ids) == k)
+                if num_new > num_firsts:
+                    hist["itl"].observe(now - previous, num_new - num_firsts)
+                counters["generation_tokens"] += num_new
+                self._last_token_time[output.request_id] = now
+            if output.finished:
+                self._last_token_time.pop(output.request_id, None)
+                if times is not None:
+                    if times.finished_time is not None:
+                        hist["e2e"].observe(times.finished_time - times.arrival_time)
+                    if times.first_scheduled_time is not None:
+                        hist["queue"].observe(times.first_scheduled_time - times.arrival_time)
+                for completion in output.outputs:
+                    reason = completion.finish_reason or "abort"
+                    self._success[reason] = self._success.get(reason, 0) + 1
+        counters["preemptions"] = stats.num_preemptions
+        counters["prefix_queries"] = stats.prefix_cache_queries
+        counters["prefix_hits"] = stats.prefix_cache_hits
+        self._gauges.update(
+            running=stats.num_running,
+            waiting=stats.num_waiting,
+            kv_usage=stats.kv_cache_usage,
+            kv_waste=stats.kv_waste_ratio,
+            free_blocks=stats.num_free_blocks,
+            total_blocks=stats.num_total_blocks,
+        )
 
     # ---- scrape (event loop) -----------------------------------------------
 
@@ -186,11 +183,10 @@ class EngineMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         label = [self.model_name]
-        with self._lock:
-            gauges = dict(self._gauges)
-            counters = dict(self._counters)
-            success = dict(self._success)
-            histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}
+        gauges = dict(self._gauges)
+        counters = dict(self._counters)
+        success = dict(self._success)
+        histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}
 
         ready = GaugeMetricFamily("pagedinfer_ready", "1 once the model is loaded and the server takes requests",
                                   labels=["model_name"])

@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import jinja2
 from fastapi import Request
@@ -17,13 +18,10 @@ from server.errors import APIError
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    ChatStreamChoice,
     ChoiceLogprobs,
-    Delta,
     TokenLogprob,
     TopLogprob,
 )
@@ -109,13 +107,18 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
 
 
 async def _stream(request: ChatCompletionRequest, streams: list[RequestStream], request_id: str, created: int,
-                  model: str) -> AsyncIterator[ChatCompletionChunk]:
-    def chunk(choices: list[ChatStreamChoice], **extra) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, **extra)
+                  model: str) -> AsyncIterator[dict[str, Any]]:
+    """ChatCompletionChunks as plain dicts (see serving_common)."""
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def choice(index: int, delta: dict[str, str], logprobs: ChoiceLogprobs | None = None,
+               reason: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs and logprobs.model_dump(),
+                                     "finish_reason": reason}]}
 
     # As OpenAI does, each choice opens with the role and empty content.
     for index in range(request.n):
-        yield chunk([ChatStreamChoice(index=index, delta=Delta(role="assistant", content=""))])
+        yield choice(index, {"role": "assistant", "content": ""})
     tracker = StreamTracker(request.n)
     num_top = request.top_logprobs or 0
     async for _, output in merge_streams(streams):
@@ -124,7 +127,6 @@ async def _stream(request: ChatCompletionRequest, streams: list[RequestStream], 
             if request.logprobs:
                 start = delta.first_new_token
                 logprobs = _logprobs(delta.sample.token_ids[start:], (delta.sample.logprobs or [])[start:], num_top)
-            yield chunk([ChatStreamChoice(index=delta.index, delta=Delta(content=delta.text), logprobs=logprobs,
-                                          finish_reason=delta.finish_reason)])
+            yield choice(delta.index, {"content": delta.text}, logprobs, delta.finish_reason)
     if request.include_usage:
-        yield chunk([], usage=tracker.usage())
+        yield {**head, "choices": [], "usage": tracker.usage().model_dump()}

@@ -1,6 +1,11 @@
 """What /v1/completions and /v1/chat/completions share: admission, context
 length checks, handing prompts to the engine, merging streams, SSE framing,
-usage, and cancelling work when the client goes away."""
+usage, and cancelling work when the client goes away.
+
+Stream chunks are plain dicts encoded by msgspec, not pydantic models: they
+are built once per token on the hot path. They mirror the response models in
+server/protocol.py field for field (nullable fields present, omitted ones
+absent), and tests/test_server_schema.py holds them to OpenAI's schemas."""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import msgspec
 from fastapi import Request
-from pydantic import BaseModel
 
 from inference.async_engine import AsyncLLM, EngineDeadError, RequestFailedError, RequestStream
 from inference.outputs import CompletionOutput, RequestOutput
@@ -28,7 +33,8 @@ T = TypeVar("T")
 
 # ValueErrors from SamplingParams and the engine start with one of these names.
 KNOWN_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"prompt", "logit_bias"}
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
+_json = msgspec.json.Encoder()
 
 
 def admit(state: ServerState, model: str | None) -> AsyncLLM:
@@ -124,6 +130,13 @@ async def add_requests(
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from all streams as they come; aborts all on exit."""
+    if len(streams) == 1:  # the common case, without a task and a queue hop per token
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            streams[0].abort()
+        return
     merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream) -> None:
@@ -231,13 +244,13 @@ def usage(outputs: list[RequestOutput]) -> Usage:
     )
 
 
-async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Server-sent events; a failure mid-stream becomes an error event."""
     try:
         async for chunk in chunks:
-            yield f"data: {chunk.model_dump_json()}\n\n"
+            yield b"data: " + _json.encode(chunk) + b"\n\n"
     except (RequestFailedError, EngineDeadError) as exc:
-        yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}', code='engine_error'))}\n\n"
+        yield f"data: {json.dumps(error_body(500, f'Generation failed: {exc}', code='engine_error'))}\n\n".encode()
     yield SSE_DONE
 
 

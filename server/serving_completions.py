@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
@@ -139,7 +140,9 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
 
 
 async def _stream(request: CompletionRequest, prompts: list[Prompt], streams, request_id: str, created: int,
-                  model: str) -> AsyncIterator[CompletionResponse]:
+                  model: str) -> AsyncIterator[dict[str, Any]]:
+    """CompletionResponse chunks as plain dicts (see serving_common)."""
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     tracker = StreamTracker(request.n)
     text_offsets: dict[int, int] = {}
     async for prompt_index, output in merge_streams(streams):
@@ -150,8 +153,8 @@ async def _stream(request: CompletionRequest, prompts: list[Prompt], streams, re
             text = prompt.text + delta.text if echo else delta.text
             logprobs = _choice_logprobs(request, prompt, output, delta.sample, delta.first_new_token, echo, offset)
             text_offsets[delta.index] = offset + len(text)
-            choice = CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
-                                      finish_reason=delta.finish_reason)
-            yield CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
+            choice = {"index": delta.index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
+                      "finish_reason": delta.finish_reason}
+            yield {**head, "choices": [choice]}
     if request.include_usage:
-        yield CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=tracker.usage())
+        yield {**head, "choices": [], "usage": tracker.usage().model_dump()}

@@ -36,7 +36,7 @@ class ServerState:
     engine: AsyncLLM | None = None
     # The server's own tokenizer instance: a Hugging Face fast tokenizer used
     # from two threads at once can fail with "Already borrowed", and the
-    # engine's instance belongs to the engine thread.
+    # engine's output processor uses its own on the event loop.
     tokenizer: PreTrainedTokenizerBase | None = None
     max_model_len: int = 0
     vocab_size: int = 0  # token ids the tokenizer knows: [0, vocab_size)
