@@ -41,6 +41,8 @@ def admit(state: ServerState, model: str | None) -> AsyncLLM:
     """The engine, if this request may use it now; else the matching error."""
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="server_shutting_down")
+    if state.engine is not None and not state.engine.is_alive:
+        raise APIError(503, "The engine is not running.", code="engine_dead")
     if not state.ready:
         raise APIError(503, "The model is still loading; retry shortly.", code="model_loading",
                        headers={"Retry-After": "5"})
