@@ -8,8 +8,11 @@ At each concurrency c (default 1, 64, 256) both sides get the same requests
   server    `pagedinfer serve` on the same model and engine settings, streamed
             by bench/serve.py's client at max concurrency c.
 Offline runs first and is freed before the server starts, so the two never
-share the CPU. With --repeats N every number is the median of N runs (a
-shared box is noisy). Reports tok/s, ITL p50/p99 and server / offline.
+share the CPU. Both get the same --torch-threads (default 1 on the CPU: on a
+small box the server's front end needs a core of its own, and a second torch
+thread only spins against it). With --repeats N every number is the median
+of N runs (a shared box is noisy). Reports tok/s, ITL p50/p99 and
+server / offline.
 
     python -m bench.overhead --out bench/out/overhead.json                 # tiny Qwen3 on the CPU
     python -m bench.overhead --model Qwen3-0.6B --device cuda --repeats 3  # that shape, random weights
@@ -90,8 +93,12 @@ def run_offline(llm, requests: list[Request], concurrency: int) -> dict:
 
 
 def offline_pass(args: argparse.Namespace, model: str, levels: list[int], level_reqs: list[list[Request]]) -> list:
+    import torch
+
     from inference import LLM, SamplingParams
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     llm = LLM(model=model, **engine_args(args, max(levels)))
     llm.generate([level_reqs[0][0].prompt_ids[:16]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     runs = [[run_offline(llm, reqs, c) for c, reqs in zip(levels, level_reqs)] for _ in range(args.repeats)]
@@ -110,7 +117,8 @@ def server_pass(args: argparse.Namespace, model: str, levels: list[int], level_r
                "--port", str(port), "--max-queued-requests", str(max(args.min_prompts, args.waves * max(levels))),
                *[f"--{key.replace('_', '-')}={value}" for key, value in engine.items() if key != "device"]]
     cfg = ClientConfig(base_url=f"http://127.0.0.1:{port}", model=Path(model).name, prompt_format="ids")
-    with ServerProcess(command, cfg.base_url + "/ready", log, startup_timeout=600):
+    env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None
+    with ServerProcess(command, cfg.base_url + "/ready", log, env, startup_timeout=600):
         return [[run_level(cfg, reqs, c, label=f"server c={c}", seed=i)["metrics"]
                  for i, (c, reqs) in enumerate(zip(levels, level_reqs))] for _ in range(args.repeats)]
 
@@ -154,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a model folder, or tiny-qwen3 / Qwen3-0.6B / ... for random weights of that shape")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of the engine on both sides (default: 1 on the CPU, torch's own on a GPU)")
     parser.add_argument("--levels", default="1,64,256", help="concurrencies, comma-separated")
     parser.add_argument("--input-len", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=128)
@@ -167,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.torch_threads is None and args.device == "cpu":
+        args.torch_threads = 1
     levels = [int(part) for part in args.levels.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="pagedinfer-overhead-"))
     try:
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarize_levels(levels, offline, server)
         report = {
             "when": now_utc(), "commit": git_commit(), "machine": machine_info(), "model": args.model,
-            "device": args.device, "input_len": args.input_len, "output_len": args.output_len,
+            "device": args.device, "torch_threads": args.torch_threads, "input_len": args.input_len, "output_len": args.output_len,
             "repeats": args.repeats, "levels": rows, "raw": {"offline": offline, "server": server},
             "note": "medians over repeats; the server's ITL is the gap between streamed chunks, "
                     "and a chunk may carry several tokens when the front end catches up",

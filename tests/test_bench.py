@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, compare, serve, throughput  # noqa: E402
+from bench import common, compare, overhead, serve, throughput  # noqa: E402
 from bench.peers import servers  # noqa: E402
 
 
@@ -120,6 +120,20 @@ def test_serve_client_against_a_real_server(tiny_folder, tmp_path):
     assert poisson["metrics"]["completed"] == 2 and math.isfinite(poisson["request_rate"])
     assert (tmp_path / "serve-latency-cdf.png").stat().st_size > 0
     assert (tmp_path / "serve-scaling.png").stat().st_size > 0
+
+
+def test_overhead_compares_offline_and_server_on_the_same_requests(tmp_path):
+    out = tmp_path / "overhead.json"
+    code = overhead.main(["--levels", "1,3", "--input-len", "12", "--output-len", "6", "--waves", "1",
+                          "--min-prompts", "2", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["concurrency"] for row in report["levels"]] == [1, 3]
+    for row in report["levels"]:
+        assert row["offline"]["tok_s"] > 0 and row["server"]["tok_s"] > 0 and row["server"]["failed"] == 0
+        assert row["throughput_ratio"] == pytest.approx(row["server"]["tok_s"] / row["offline"]["tok_s"])
+        assert row["offline"]["itl_p50_ms"] > 0 and row["server"]["itl_p50_ms"] > 0
+    assert report["torch_threads"] == 1 and len(report["raw"]["server"]) == 1
 
 
 def test_compare_reports_missing_peers(tiny_folder, tmp_path, monkeypatch):
