@@ -78,7 +78,10 @@ def run_server(args: argparse.Namespace) -> int:
 
     from server.cli import build_core
 
-    app = create_app(settings, functools.partial(build_core, args))
+    # The core process gets the factory pickled: only plain values go, not
+    # the subcommand's function, which may live in __main__.
+    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    app = create_app(settings, functools.partial(build_core, engine_args))
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
     server = DrainingServer(config, app.state.server)
     server.run()
