@@ -63,9 +63,10 @@ class RequestFailedError(RuntimeError):
 class RequestStream:
     """Outputs of one request, in order; ends after the finished output.
 
-    Outputs are cumulative, so a reader that fell behind gets only the
-    latest of those waiting: under load a chunk carries several tokens
-    instead of the server falling further behind one token at a time."""
+    Outputs are cumulative, so an unread output is replaced by the next one:
+    a reader that fell behind gets the latest, and under load a chunk carries
+    several tokens instead of the server falling further behind one token at
+    a time; a slow client holds one output, not one per step."""
 
     def __init__(self, request_id: str, owner: AsyncLLM) -> None:
         self.request_id = request_id
@@ -85,8 +86,6 @@ class RequestStream:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         item = items.popleft()
-        while items and not isinstance(item, BaseException) and not isinstance(items[0], BaseException):
-            item = items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -100,7 +99,11 @@ class RequestStream:
             self._owner._abort(self.request_id)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._items.append(item)
+        items = self._items
+        if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
+            items[-1] = item  # the newer output holds everything the unread one did
+        else:
+            items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -277,6 +280,10 @@ class AsyncLLM:
 
     async def _read_outputs(self) -> None:
         while True:
+            # A ready message comes back without yielding to the event loop;
+            # yield anyway, or a core that steps faster than this side keeps
+            # up would starve the streams and the HTTP server.
+            await asyncio.sleep(0)
             message = self._decoder.decode(await self._outputs.recv(copy=False))
             if isinstance(message, StepOutputs):
                 self._on_step(message)

@@ -34,12 +34,13 @@ class _RequestState:
     params: SamplingParams
     samples: list[_Sample]
     metrics: RequestMetrics
+    num_unfinished: int  # samples without a finish reason; a counter, as this is asked per token
     num_cached_tokens: int = 0
     prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return self.num_unfinished == 0
 
 
 class OutputProcessor:
@@ -55,7 +56,7 @@ class OutputProcessor:
             for _ in range(params.n)
         ]
         self.states[request_id] = _RequestState(
-            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time),
+            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time), params.n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
@@ -130,6 +131,7 @@ class OutputProcessor:
         for sample in state.samples:
             if sample.finish_reason is None:
                 sample.finish_reason = "abort"
+        state.num_unfinished = 0
         state.metrics.finished_time = now
         self._pending.append(request_id)
         return running
@@ -145,6 +147,7 @@ class OutputProcessor:
     @staticmethod
     def _finish(state: _RequestState, sample: _Sample, reason: str, now: float) -> None:
         sample.finish_reason = reason
+        state.num_unfinished -= 1
         if state.finished:
             state.metrics.finished_time = now
 
