@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_MESSAGES_PER_READ = 64  # core messages handled before the streams get the event loop
+
 
 class EngineDeadError(RuntimeError):
     """The engine core stopped (failed model load, crash or shutdown)."""
@@ -279,18 +281,24 @@ class AsyncLLM:
     # ---- messages from the core -------------------------------------------
 
     async def _read_outputs(self) -> None:
+        sock = self._outputs
         while True:
-            # A ready message comes back without yielding to the event loop;
-            # yield anyway, or a core that steps faster than this side keeps
-            # up would starve the streams and the HTTP server.
+            frames = [await sock.recv(copy=False)]
+            # Take what else has arrived before the streams run: when this side
+            # fell behind, each stream then sends one chunk for several steps.
+            # Bounded, and followed by a yield (a ready message comes back
+            # without one), so a fast core cannot starve the HTTP server.
+            while len(frames) < MAX_MESSAGES_PER_READ and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames.append(await sock.recv(copy=False))
+            for frame in frames:
+                message = self._decoder.decode(frame)
+                if isinstance(message, StepOutputs):
+                    self._on_step(message)
+                elif isinstance(message, CoreReady):
+                    await self._on_ready(message)
+                elif isinstance(message, CoreFailed):
+                    self._die(message.error)
             await asyncio.sleep(0)
-            message = self._decoder.decode(await self._outputs.recv(copy=False))
-            if isinstance(message, StepOutputs):
-                self._on_step(message)
-            elif isinstance(message, CoreReady):
-                await self._on_ready(message)
-            elif isinstance(message, CoreFailed):
-                self._die(message.error)
 
     async def _on_ready(self, ready: CoreReady) -> None:
         from transformers import AutoTokenizer

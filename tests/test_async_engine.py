@@ -105,8 +105,10 @@ def test_outputs_arrive_in_order_from_another_process(folder):
         return outputs
 
     outputs = run(main())
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3]
-    assert outputs[-1].finished and not outputs[0].finished
+    # Outputs are cumulative; a reader that fell behind gets several steps at once.
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    assert lengths == sorted(set(lengths)) and lengths[-1] == 3
+    assert outputs[-1].finished and all(not o.finished for o in outputs[:-1])
     assert outputs[-1].outputs[0].text == "abc"
 
 
