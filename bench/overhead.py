@@ -45,7 +45,7 @@ def prepare_model(name: str, device: str, folder: Path) -> str:
     """A model folder: `name` itself, or random weights of a known shape written to `folder`."""
     import torch
 
-    from bench.gpu_bench import CPU_MODELS, MODELS, write_model
+    from bench.gpu_models import CPU_MODELS, MODELS, write_model
 
     specs = {**CPU_MODELS, **MODELS}
     if name not in specs:

@@ -25,16 +25,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from inference.core_process import run_engine_core
+from inference.core_codec import Codec
 from inference.core_protocol import (
+    CORE_INPUTS,
+    CORE_OUTPUTS,
     AbortRequests,
     AddRequest,
     CoreFailed,
-    CoreOutput,
     CoreReady,
     Shutdown,
     StepOutputs,
@@ -145,8 +146,8 @@ class AsyncLLM:
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
         self._outputs.bind(output_address)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(CoreOutput)
+        self._input_codec = Codec(CORE_INPUTS)
+        self._output_codec = Codec(CORE_OUTPUTS)
         # spawn, not fork: the parent may hold threads and a CUDA context.
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid()),
@@ -267,7 +268,7 @@ class AsyncLLM:
 
     def _send(self, message: AddRequest | AbortRequests | Shutdown) -> None:
         try:
-            self._inputs.send(self._encoder.encode(message), zmq.NOBLOCK)
+            self._inputs.send(self._input_codec.encode(message), zmq.NOBLOCK)
         except zmq.Again:  # only a core that never connected refuses
             raise EngineDeadError("the engine core is not connected") from None
 
@@ -291,7 +292,7 @@ class AsyncLLM:
             while len(frames) < MAX_MESSAGES_PER_READ and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 frames.append(await sock.recv(copy=False))
             for frame in frames:
-                message = self._decoder.decode(frame)
+                message = self._output_codec.decode(frame.buffer)
                 if isinstance(message, StepOutputs):
                     self._on_step(message)
                 elif isinstance(message, CoreReady):

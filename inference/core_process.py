@@ -24,10 +24,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import msgspec
 import zmq
 
-from inference.core_protocol import AbortRequests, AddRequest, CoreFailed, CoreInput, CoreReady, Shutdown, StepOutputs
+from inference.core_codec import Codec
+from inference.core_protocol import (
+    CORE_INPUTS,
+    CORE_OUTPUTS,
+    AbortRequests,
+    AddRequest,
+    CoreFailed,
+    CoreReady,
+    Shutdown,
+    StepOutputs,
+)
 
 if TYPE_CHECKING:
     from inference.engine_core import EngineCore
@@ -51,14 +60,14 @@ def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, 
     outputs.setsockopt(zmq.LINGER, LINGER_MS)
     outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
     outputs.connect(output_address)
-    encoder = msgspec.msgpack.Encoder()
+    codec = Codec(CORE_OUTPUTS)
     try:
         core = core_factory()
-        outputs.send(encoder.encode(CoreReady(core.config, core.vocab_size, core.stats())))
-        _CoreLoop(core, inputs, outputs, encoder, parent_pid).run()
+        outputs.send(codec.encode(CoreReady(core.config, core.vocab_size, core.stats())))
+        _CoreLoop(core, inputs, outputs, codec, parent_pid).run()
     except BaseException as exc:  # noqa: BLE001 - the front end must hear why
         logger.exception("engine core died")
-        outputs.send(encoder.encode(CoreFailed(repr(exc))))
+        outputs.send(codec.encode(CoreFailed(repr(exc))))
         raise SystemExit(1) from exc
     finally:
         inputs.close(linger=0)
@@ -67,13 +76,13 @@ def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, 
 
 
 class _CoreLoop:
-    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.msgpack.Encoder,
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, codec: Codec,
                  parent_pid: int) -> None:
         self.core = core
         self.inputs = inputs
         self.outputs = outputs
-        self.encoder = encoder
-        self.decoder = msgspec.msgpack.Decoder(CoreInput)
+        self.codec = codec
+        self.input_codec = Codec(CORE_INPUTS)
         self.parent_pid = parent_pid
         self.next_parent_check = time.monotonic() + PARENT_CHECK_S
         self.num_adds = 0
@@ -96,7 +105,7 @@ class _CoreLoop:
             step.stats = core.stats()
             step.num_adds, step.rejected = self.num_adds, self.rejected
             self.num_adds, self.rejected = 0, []
-            self.outputs.send(self.encoder.encode(step), copy=False)
+            self.outputs.send(self.codec.encode(step), copy=False)
 
     def _drain(self, *, block: bool) -> int | None:
         """Apply every waiting input; when `block`, first wait for one.
@@ -112,7 +121,7 @@ class _CoreLoop:
         applied = 0
         while True:
             try:
-                message = self.decoder.decode(self.inputs.recv(zmq.NOBLOCK, copy=False).buffer)
+                message = self.input_codec.decode(self.inputs.recv(zmq.NOBLOCK, copy=False).buffer)
             except zmq.Again:
                 return applied
             applied += 1

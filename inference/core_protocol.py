@@ -1,20 +1,20 @@
 """What the front end and the engine core say to each other.
 
-Small flat msgspec structs, msgpack on the wire. The core speaks in token
-ids only: text, stop strings and decoded logprobs are the front end's work,
-so the core never waits on a tokenizer. One `StepOutputs` per engine step
-carries every scheduled request's news and the engine stats, so the cost of
-crossing the process boundary is paid once per step, not once per token.
+Small flat dataclasses; `inference/core_codec.py` puts them on the wire as
+msgpack. The core speaks in token ids only: text, stop strings and decoded
+logprobs are the front end's work, so the core never waits on a tokenizer.
+One `StepOutputs` per engine step carries every scheduled request's news and
+the engine stats, so the cost of crossing the process boundary is paid once
+per step, not once per token.
 
-The same structs serve the in-process `LLMEngine`, which calls the core
-directly and never encodes them.
+The same classes serve the in-process `LLMEngine`, which calls the core
+directly and never encodes them, so the offline engine needs neither
+msgspec nor ZeroMQ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import msgspec
+from dataclasses import dataclass, field
 
 from inference.config import EngineConfig
 from inference.sampler import LogprobEntry
@@ -74,7 +74,8 @@ def check_request(token_ids: list[int], params: SamplingParams, config: EngineCo
 # ---- front end -> core -------------------------------------------------------
 
 
-class AddRequest(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class AddRequest:
     request_id: str  # the caller's id; the core derives its samples' ids
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -83,21 +84,24 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     cache_salt: str | None = None
 
 
-class AbortRequests(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class AbortRequests:
     request_ids: list[str]  # sample ids (see `sample_request_id`)
 
 
-class Shutdown(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class Shutdown:
     pass
 
 
-CoreInput = AddRequest | AbortRequests | Shutdown
+CORE_INPUTS = (AddRequest, AbortRequests, Shutdown)
 
 
 # ---- core -> front end -------------------------------------------------------
 
 
-class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+@dataclass(slots=True)
+class SampleOutput:
     """One scheduled sample's news from one step."""
 
     request_id: str  # the caller's id
@@ -110,19 +114,21 @@ class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # (first position, entries) of this chunk
 
 
-class StepOutputs(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class StepOutputs:
     outputs: list[SampleOutput]
     scheduled_time: float  # when the step was scheduled: ends the queue time of new requests
     token_time: float  # when its tokens were sampled
     # Filled in by the core process only:
     stats: EngineStats | None = None
     num_adds: int = 0  # adds applied since the previous message; they leave the front end's queue count
-    rejected: list[tuple[str, str]] = []  # (request id, error) of adds the core refused
-    failed: list[str] = []  # request ids whose step failed; the core aborted them
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (request id, error) of adds the core refused
+    failed: list[str] = field(default_factory=list)  # request ids whose step failed; the core aborted them
     failure: str = ""  # why they failed
 
 
-class CoreReady(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class CoreReady:
     """Sent once, after the model is loaded and the KV cache is sized."""
 
     config: EngineConfig
@@ -130,10 +136,11 @@ class CoreReady(msgspec.Struct, tag=True, array_like=True):
     stats: EngineStats
 
 
-class CoreFailed(msgspec.Struct, tag=True, array_like=True):
+@dataclass(slots=True)
+class CoreFailed:
     """The core could not start or died; it exits right after."""
 
     error: str
 
 
-CoreOutput = StepOutputs | CoreReady | CoreFailed
+CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed)
