@@ -277,11 +277,21 @@ class AsyncLLM:
             return
         sample_ids = self._processor.abort(request_id, time.monotonic())
         if sample_ids and self.is_alive:
-            self._send(AbortRequests(sample_ids))
+            try:
+                self._send(AbortRequests(sample_ids))
+            except EngineDeadError:
+                pass  # the core just died: nothing left to abort
 
     # ---- messages from the core -------------------------------------------
 
     async def _read_outputs(self) -> None:
+        try:
+            await self._dispatch_outputs()
+        except Exception as exc:  # a bug here must fail the requests, not hang them
+            logger.exception("reading the engine core's outputs failed")
+            self._die(f"output reader failed: {exc!r}")
+
+    async def _dispatch_outputs(self) -> None:
         sock = self._outputs
         while True:
             frames = [await sock.recv(copy=False)]
