@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -43,6 +42,7 @@ from inference.core_protocol import (
 )
 from inference.output_processor import OutputProcessor
 from inference.outputs import RequestOutput
+from inference.request_stream import EngineDeadError, RequestFailedError, RequestStream
 from inference.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -53,62 +53,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_READ = 64  # core messages handled before the streams get the event loop
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core stopped (failed model load, crash or shutdown)."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine raised while running this request; other requests go on."""
-
-
-class RequestStream:
-    """Outputs of one request, in order; ends after the finished output.
-
-    Outputs are cumulative, so an unread output is replaced by the next one:
-    a reader that fell behind gets the latest, and under load a chunk carries
-    several tokens instead of the server falling further behind one token at
-    a time; a slow client holds one output, not one per step."""
-
-    def __init__(self, request_id: str, owner: AsyncLLM) -> None:
-        self.request_id = request_id
-        self.finished = False
-        self._owner = owner
-        self._items: deque[RequestOutput | BaseException] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        items = self._items
-        while not items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        item = items.popleft()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
-
-    def abort(self) -> None:
-        """Stop the request and free its blocks; a no-op once it has finished."""
-        if not self.finished:
-            self.finished = True
-            self._owner._abort(self.request_id)
-
-    def _put(self, item: RequestOutput | BaseException) -> None:
-        items = self._items
-        if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
-            items[-1] = item  # the newer output holds everything the unread one did
-        else:
-            items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
 
 class AsyncLLM:
@@ -217,7 +161,7 @@ class AsyncLLM:
             prompt_text, token_ids = None, list(prompt)
         check_request(token_ids, params, self.config, self.vocab_size)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self._abort)
         self._streams[request_id] = stream
         processor.add(request_id, prompt_text, token_ids, params, arrival)
         self._num_unaccepted += 1

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from inference.async_engine import AsyncLLM, EngineDeadError
+from inference.async_engine import AsyncLLM
+from inference.request_stream import EngineDeadError
 from server.errors import install_error_handlers
 from server.metrics import EngineMetrics
 from server.middleware import ApiKeyAuth, BodySizeLimit

@@ -12,7 +12,7 @@ import jinja2
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
-from inference.async_engine import RequestStream
+from inference.request_stream import RequestStream
 from inference.outputs import PositionLogprobs
 from server.errors import APIError
 from server.protocol import (

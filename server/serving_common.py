@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import Request
 
-from inference.async_engine import AsyncLLM, EngineDeadError, RequestFailedError, RequestStream
+from inference.async_engine import AsyncLLM
+from inference.request_stream import EngineDeadError, RequestFailedError, RequestStream
 from inference.outputs import CompletionOutput, RequestOutput
 from inference.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, error_body

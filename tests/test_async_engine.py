@@ -17,7 +17,8 @@ import time
 import pytest
 from conftest import build_tiny_tokenizer
 
-from inference.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
+from inference.async_engine import AsyncLLM
+from inference.request_stream import EngineDeadError, RequestFailedError
 from inference.config import EngineConfig
 from inference.core_protocol import EngineStats, SampleOutput, StepOutputs
 from inference.sampling_params import SamplingParams
