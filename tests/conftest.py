@@ -37,7 +37,7 @@ TINY_MOE_CONFIGS = {
         model_type="qwen3_moe", vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
-        max_position_embeddings=1024, tie_word_embeddings=False,
+        max_position_embeddings=1024, tie_word_embeddings=True,
     ),
     "mixtral": dict(
         model_type="mixtral", vocab_size=384, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
