@@ -147,14 +147,14 @@ def _moe_down_kernel(
 
 
 def _tile_config(num_pairs: int, num_experts: int, device: torch.device) -> dict:
-    """BLOCK_M/N/K and launch options. Decode (about one pair per expert) gets
-    16-row tiles, the `tl.dot` minimum, so padding wastes little, and long K
+    """BLOCK_M/N/K and launch options. Decode (up to 16 pairs per expert on
+    average) gets 16-row tiles, the `tl.dot` minimum, so padding wastes little, and long K
     steps to stream the weights; prefill gets 64-row tiles that reuse each
     weight tile over many tokens. vLLM's defaults for these regimes; not yet
     tuned on hardware. The interpreter gets small tiles (it is serial)."""
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    if num_pairs <= 2 * num_experts:
+    if num_pairs <= 16 * num_experts:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
