@@ -56,7 +56,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
-        self.model = load_model(config.model, hf_config, self.dtype, config.device)
+        self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)

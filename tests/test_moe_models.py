@@ -117,3 +117,17 @@ def test_expert_past_num_experts_is_rejected(tiny_moe_model, tmp_path):
     dst = _rewrite(folder, tmp_path, add_expert)
     with pytest.raises(ValueError, match="experts.99"):
         load_model(dst, AutoConfig.from_pretrained(dst), torch.float32, "cpu")
+
+
+def test_dummy_weights_need_no_weight_files(tiny_moe_model, tmp_path):
+    """`load_format="dummy"` (the GPU benchmark's path for shapes too large to write) reads config.json only."""
+    _, folder, _ = tiny_moe_model
+    dst = tmp_path / "no-weights"
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    llm = LLM(model=str(dst), dtype="float32", num_kv_blocks=16, load_format="dummy")
+    [out] = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4
+    norms = [p for n, p in llm.engine.runner.model.named_parameters() if n.endswith("norm.weight")]
+    assert all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(model=str(dst), load_format="gguf")
