@@ -16,26 +16,16 @@ bound; 4096 tokens also give TFLOP/s (6 * hidden * intermediate FLOPs a pair).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    # Run as a file, sys.path[0] is bench/, where bench/kernels.py would shadow the `kernels` package.
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
-    sys.path.insert(0, str(REPO_ROOT))
 
 if "--cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see kernels/__init__.py
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from bench.kernels import bench, copy_bandwidth  # noqa: E402
+from bench.kernels import bench, start, write_results  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.moe import fused_moe  # noqa: E402
 
@@ -66,31 +56,12 @@ def bench_moe(num_tokens: int, shape: dict, dtype: torch.dtype, device: str, cud
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="tiny shapes through the Triton interpreter (dry run)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args()
-
-    cuda = not args.cpu
-    if cuda and not torch.cuda.is_available():
-        sys.exit("no CUDA device; use --cpu for a dry run")
-    device = "cuda" if cuda else "cpu"
-    shape = GPU_SHAPE if cuda else CPU_SHAPE
-    dtype = getattr(torch, args.dtype) if cuda else torch.float32  # 16-bit math is wrong in the interpreter
-    results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter; timings meaningless)",
-        "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "shape": {k: v for k, v in shape.items() if k not in ("tokens", "copy_bytes")},
-    }
-    copy = copy_bandwidth(shape["copy_bytes"], device, cuda)
-    results["copy_GBps"] = copy
-    print(f"{results['device']}: torch {torch.__version__}, triton {triton.__version__}, {results['dtype']}")
-    print(f"device-to-device copy: {copy:.0f} GB/s")
+    args, cuda, device, dtype, shape, results = start(
+        __doc__.split("\n\n")[0], ("hidden", "intermediate", "num_experts", "top_k"), GPU_SHAPE, CPU_SHAPE)
     results["fused_moe"] = []
     for num_tokens in shape["tokens"]:
         r = bench_moe(num_tokens, shape, dtype, device, cuda)
-        r["kernel_fraction_of_copy"] = r["kernel_weight_GBps"] / copy
+        r["kernel_fraction_of_copy"] = r["kernel_weight_GBps"] / results["copy_GBps"]
         results["fused_moe"].append(r)
         print(f"fused_moe tokens={num_tokens:5d} experts_hit={r['experts_hit']:3d}: kernel {r['kernel_ms']:.4f} ms "
               f"{r['kernel_weight_GBps']:6.0f} GB/s ({100 * r['kernel_fraction_of_copy']:.0f}% of copy) "
@@ -98,10 +69,7 @@ def main() -> None:
               f"{r['speedup']:.1f}x | max|diff| {r['max_abs_diff_vs_loop']:.1e}")
         if cuda:
             torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The fused MoE kernel against its torch reference (transformers' expert loop).
 
-Same mechanism as tests/test_layer_kernels.py: without CUDA the kernel runs
-in Triton's interpreter, switched on at import when nothing has imported
-Triton yet; otherwise the CPU cases are skipped here and run in a fresh
+Same mechanism as tests/test_layer_kernels.py, whose set-up, cases and
+poisoning fixture this file imports: without CUDA the kernel runs in
+Triton's interpreter, switched on at import when nothing has imported Triton
+yet; otherwise the CPU cases are skipped here and run in a fresh
 interpreter by `test_interpreter_cases_in_subprocess`. With CUDA, the bf16
 and fp16 cases run the compiled kernel. Outputs are poisoned: the wrapper's
 `torch.empty` buffers start as NaN, so a pair the kernel forgets is caught.
@@ -10,29 +11,17 @@ and fp16 cases run the compiled kernel. Outputs are poisoned: the wrapper's
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if "triton" not in sys.modules and not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+# First: it switches the interpreter on before anything imports Triton.
+from test_layer_kernels import (  # noqa: F401 (poisoned_empty: a fixture)
+    CASES, CUDA, INTERPRETER, _need_kernels, poisoned_empty, run_in_fresh_interpreter,
+)
 
-triton = pytest.importorskip("triton")
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.moe import fused_moe, sort_by_expert  # noqa: E402
-
-INTERPRETER = kernels.interpreter_active()
-
-CASES = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
-if CUDA:
-    CASES += [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
+import kernels
+from kernels import reference
+from kernels.moe import fused_moe, sort_by_expert
 
 # (atol, rtol) between kernel and reference in the same dtype; 16-bit outputs
 # differ by the reference's per-expert rounding of the running sum.
@@ -49,22 +38,6 @@ SHAPES = [
     (40, 64, 48, 8, 8),
     (70, 80, 24, 32, 3),
 ]
-
-
-def _need_kernels(device: str) -> None:
-    if device == "cpu" and not INTERPRETER:
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1; see test_interpreter_cases_in_subprocess")
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_empty = torch.empty
-
-    def empty(*args: object, **kwargs: object) -> torch.Tensor:
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _inputs(num_tokens: int, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype: torch.dtype,
@@ -197,10 +170,4 @@ def test_moe_model_through_the_kernel_matches_reference_path(tiny_moe_model,
 
 @pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
 def test_interpreter_cases_in_subprocess() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_fresh_interpreter(__file__)
