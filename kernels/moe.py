@@ -148,10 +148,10 @@ def _moe_down_kernel(
 
 def _tile_config(num_pairs: int, num_experts: int, device: torch.device) -> dict:
     """BLOCK_M/N/K and launch options. Decode (up to 16 pairs per expert on
-    average) gets 16-row tiles, the `tl.dot` minimum, so padding wastes little, and long K
-    steps to stream the weights; prefill gets 64-row tiles that reuse each
-    weight tile over many tokens. vLLM's defaults for these regimes; not yet
-    tuned on hardware. The interpreter gets small tiles (it is serial)."""
+    average) gets 16-row tiles, the `tl.dot` minimum, so padding wastes
+    little, and long K steps to stream the weights; prefill gets 64-row tiles
+    that reuse each weight tile over many tokens. vLLM's defaults for these
+    regimes; not yet tuned on hardware. The interpreter gets small tiles."""
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if num_pairs <= 16 * num_experts:
@@ -163,7 +163,10 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tu
     """(sorted_pair_ids, block_expert_ids): pair ids grouped by expert, each
     expert's run padded to a multiple of `block_m` with `num_pairs`, and the
     expert of each `block_m` tile (`num_experts` past the last run). Sizes
-    depend only on the shapes, so there is no host sync."""
+    depend only on the shapes, so there is no host sync. About 25 small torch
+    launches a layer: under a decode CUDA graph they cost little each, but if
+    batch-1 decode is far from its roofline, one Triton kernel for this step
+    (vLLM's moe_align_block_size) is the first thing to try."""
     device = topk_ids.device
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
