@@ -15,7 +15,10 @@ on), in this order and within one time budget:
      100-1024, EOS ignored, temperature 0.6 (last: at the deadline it is cut
      short and reported as such, the other numbers are already in).
 Run through bench/gpu.sh; `--cpu` runs the same code on tiny shapes here
-(where "graphs on" runs the padded decode batches eagerly).
+(where "graphs on" runs the padded decode batches eagerly). For MoE models
+the roofline counts only the experts a step's tokens route to
+(`gpu_models.active_weight_bytes`); `--dummy-weights` writes no weights and
+has the engine build them on the device (Qwen3-30B-A3B: 61 GB of bf16).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 
 from bench.common import Request, git_commit, machine_info, now_utc, write_json
-from bench.gpu_models import CPU_MODELS, MODELS, approx_params, write_model
+from bench.gpu_models import CPU_MODELS, MODELS, MOE_MODELS, active_weight_bytes, approx_params, write_model
 from bench.gpu_profile import profile_decode, profile_table
 
 @dataclass(slots=True)
@@ -137,6 +140,8 @@ def bench_engine(result: dict, folder: Path, graphs: str, last: bool, work: Work
 
     t0 = time.perf_counter()
     engine_args = {"kv_cache_memory": 256 * 1024**2} if device == "cpu" else {}
+    if args.dummy_weights:
+        engine_args["load_format"] = "dummy"
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=plan.max_model_len,
               max_num_seqs=max(plan.decode_batches + (plan.subset,)), enforce_eager=graphs == "off", **engine_args)
     result["load_s"][graphs] = time.perf_counter() - t0
@@ -160,7 +165,7 @@ def bench_engine(result: dict, folder: Path, graphs: str, last: bool, work: Work
             continue
         step_s = float(np.median([s for s, _ in steps]))
         context = float(np.mean([c for _, c in steps]))
-        ideal_s = (result["weight_bytes_read"] + context * result["kv_bytes_per_token"]) / bandwidth
+        ideal_s = (active_weight_bytes(result, batch) + context * result["kv_bytes_per_token"]) / bandwidth
         result["decode"].append({"graphs": graphs, "batch": batch, "step_ms": step_s * 1e3,
                                  "roofline_ms": ideal_s * 1e3, "efficiency": ideal_s / step_s, "tok_s": batch / step_s,
                                  "roofline_tok_s": batch / ideal_s, "avg_context": context / batch})
@@ -186,7 +191,7 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work_dir))
     try:
         t0 = time.perf_counter()
-        result.update(write_model(folder, spec, dtype, device))
+        result.update(write_model(folder, spec, dtype, device, weights=not args.dummy_weights))
         result["write_s"] = time.perf_counter() - t0
         _release()
         rng = np.random.default_rng(0)
@@ -195,7 +200,7 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
         prompts = [rng.integers(0, vocab, size=n).tolist() for n in lens[:, 0]]
         subset = [Request(p[:plan.max_len], plan.subset_output) for p in prompts[:plan.subset]]
         work = Workload(prompts, [int(n) for n in lens[:, 1]], subset, rng, vocab)
-        if not args.no_transformers:
+        if not (args.no_transformers or args.dummy_weights):  # dummy: no weight files for transformers
             hf = run_transformers(subset, str(folder), args.dtype, plan.subset, use_tqdm=False)
             result["hf_subset_tok_s"] = hf.output_tok_s
             _release()
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode CUDA graphs: on (the engine default), off (enforce_eager), or on,off for both")
     parser.add_argument("--profile", action="store_true", help="profiler summary of decode steps at batch 64")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers subset comparison")
+    parser.add_argument("--dummy-weights", action="store_true",
+                        help="write no weights: the engine builds random ones on the device (load_format dummy)")
     args = parser.parse_args(argv)
     if not args.graphs or not set(args.graphs) <= {"on", "off"} or len(set(args.graphs)) < len(args.graphs):
         parser.error(f"--graphs takes on, off or on,off; got {','.join(args.graphs)}")
@@ -271,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --cpu for a dry run")
-    table, plan = (CPU_MODELS, CPU_PLAN) if args.cpu else (MODELS, Plan())
-    names = args.models.split(",") if args.models else list(table)
+    table, plan = (CPU_MODELS, CPU_PLAN) if args.cpu else ({**MODELS, **MOE_MODELS}, Plan())
+    names = args.models.split(",") if args.models else list(CPU_MODELS if args.cpu else MODELS)
     bandwidth = measure_bandwidth(device, plan.bandwidth_bytes)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
     report = {"date": now_utc(), "commit": git_commit(), "machine": machine_info(), "dtype": args.dtype,

@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_check.sh          # on the GPU machine
 #   bash bench/gpu_check.sh --cpu    # dry run here: tiny shapes, the CUDA tests skip
+#   bash bench/gpu_check.sh --moe    # (with or without --cpu) adds step 4, the MoE benchmark
 #
 # Steps, in order, each under its own timeout; a failed step does not stop
 # the later ones, and the exit status is non-zero if any failed:
@@ -12,24 +13,35 @@
 #      tests/test_decode_graph_safe.py, -k cuda), the fused layer kernels
 #      (tests/test_layer_kernels.py -k cuda) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
-#      prepared model). A test file missing from this checkout is
+#      prepared model), the fused MoE kernel (tests/test_moe_kernel.py -k
+#      cuda). A test file missing from this checkout is
 #      reported as MISSING (the exit status stays 0 for it).
 #   2. bench/kernels.py: the kernel microbenchmarks.
 #   3. bench/gpu.sh on the Qwen3-0.6B and Llama-3.1-8B shapes: decode step time
 #      at batch 1/64/256 with CUDA graphs on and off, the nano-vllm workload
 #      (graphs on) and a torch.profiler summary at batch 64 (GPU busy
 #      fraction, launches and host time per decode step). It gets whatever
-#      time the earlier steps left.
+#      time the earlier steps left (with --moe: Qwen3-0.6B only, and 240 s
+#      fewer, GPU_CHECK_MOE_S).
+#   4. with --moe, bench/gpu_moe.sh: the fused MoE kernel against a torch loop
+#      over experts at 1/64/4096 tokens, then the Qwen3-30B-A3B shape (bf16,
+#      weights built on the device) at decode batch 1/64/256 against its
+#      roofline and on the nano-vllm workload.
 # Results: $OUT/gpu_check.tar.gz (every log, JSON and markdown, JUnit XML of
 # the tests) and $OUT/gpu_check_summary.txt next to it (steps, their status,
 # the benchmark tables). $OUT defaults to bench/out/gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-mode=cuda
-if [[ "${1:-}" == "--cpu" ]]; then
-    mode=cpu
-fi
+mode=cuda moe=0
+for arg in "$@"; do
+    case $arg in
+        --cpu) mode=cpu ;;
+        --moe) moe=1 ;;
+        *) echo "unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+moe_s=$((moe ? ${GPU_CHECK_MOE_S:-240} : 0))
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
@@ -96,7 +108,7 @@ test_step() {
 if [[ $mode == cuda ]]; then
     # Not the sm_90 compile check: on a GPU the CUDA cases compile for real.
     kernel_select=(-k "cuda and not compile_for_cuda")
-    bench_args=(--models Qwen3-0.6B,Llama-3.1-8B)
+    bench_args=(--models "$( ((moe)) && echo Qwen3-0.6B || echo Qwen3-0.6B,Llama-3.1-8B)")
     kernels_args=()
 else
     # A few interpreter cases, to check the plumbing; the rest of the CPU cases run in tests/.
@@ -111,12 +123,13 @@ test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
 # All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.
 test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"
+test_step tests_moe_kernel 60 tests/test_moe_kernel.py -k cuda
 
 echo "== 2. kernel benchmark ($mode)"
 run_step bench_kernels 75 "$PY" -m bench.kernels "${kernels_args[@]}" --out "$stage/kernels.json"
 
 echo "== 3. engine benchmark ($mode)"
-left=$((deadline - $(date +%s)))
+left=$((deadline - moe_s - $(date +%s)))
 if [[ $left -lt 90 ]]; then
     steps+=("$(printf '%-20s %-14s %5ss  %s' gpu_bench SKIPPED 0 "only ${left}s left of the budget")")
     status=1
@@ -125,6 +138,14 @@ else
     # early enough to write its tables.
     run_step gpu_bench $((left - 5)) env GPU_BENCH_TIMEOUT=$((left - 20)) OUT="$stage/gpu_bench" PYTHON="$PY" \
         bash bench/gpu.sh "${bench_args[@]}" --budget-s $((left - 50)) --graphs on,off --profile --no-transformers
+fi
+
+if ((moe)); then
+    echo "== 4. MoE benchmark ($mode)"
+    left=$((deadline - $(date +%s)))
+    moe_args=(--budget-s $((left - 15)))
+    [[ $mode == cpu ]] && moe_args+=(--cpu)
+    run_step gpu_moe "$left" env OUT="$stage/gpu_moe" PYTHON="$PY" bash bench/gpu_moe.sh "${moe_args[@]}"
 fi
 
 {
@@ -139,6 +160,14 @@ fi
     if [[ -f $stage/gpu_bench/gpu_bench.md ]]; then
         echo
         cat "$stage/gpu_bench/gpu_bench.md"
+    fi
+    if [[ -f $stage/gpu_moe/moe_kernels.txt ]]; then
+        echo
+        grep -E '^(device-to-device|fused_moe)' "$stage/gpu_moe/moe_kernels.txt"
+    fi
+    if [[ -f $stage/gpu_moe/gpu_bench/gpu_bench.md ]]; then
+        echo
+        cat "$stage/gpu_moe/gpu_bench/gpu_bench.md"
     fi
 } > "$summary"
 cp "$summary" "$stage/"

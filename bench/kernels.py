@@ -201,30 +201,43 @@ def bench_store(num_tokens: int, shapes: dict, dtype: torch.dtype, device: str, 
     return {"tokens": num_tokens, "kernel_ms": kernel_ms, "torch_ms": torch_ms, "kernel_GBps": moved / kernel_ms / 1e6}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def start(description: str, shape_keys: tuple[str, ...], gpu_shapes: dict, cpu_shapes: dict):
+    """The kernel benchmarks' command line (--cpu, --out, --dtype) and opening: (args, cuda, device, dtype,
+    shapes, results with the machine and the copy bandwidth, printed)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cpu", action="store_true", help="tiny shapes through the Triton interpreter (dry run)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
-
     cuda = not args.cpu
     if cuda and not torch.cuda.is_available():
         sys.exit("no CUDA device; use --cpu for a dry run")
     device = "cuda" if cuda else "cpu"
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    shapes = gpu_shapes if cuda else cpu_shapes
     dtype = getattr(torch, args.dtype) if cuda else torch.float32  # 16-bit math is wrong in the interpreter
     torch.manual_seed(0)
-
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter; timings meaningless)",
         "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "shape": {k: shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim", "block_size")},
+        "shape": {k: shapes[k] for k in shape_keys},
+        "copy_GBps": copy_bandwidth(shapes["copy_bytes"], device, cuda),
     }
-    copy = copy_bandwidth(shapes["copy_bytes"], device, cuda)
-    results["copy_GBps"] = copy
     print(f"{results['device']}: torch {torch.__version__}, triton {triton.__version__}, {results['dtype']}")
-    print(f"device-to-device copy: {copy:.0f} GB/s")
+    print(f"device-to-device copy: {results['copy_GBps']:.0f} GB/s")
+    return args, cuda, device, dtype, shapes, results
+
+
+def write_results(results: dict[str, Any], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def main() -> None:
+    args, cuda, device, dtype, shapes, results = start(
+        __doc__.split("\n\n")[0], ("num_heads", "num_kv_heads", "head_dim", "block_size"), GPU_SHAPES, CPU_SHAPES)
+    copy = results["copy_GBps"]
 
     results["store_kv"] = []
     for n in shapes["store"]:
@@ -254,10 +267,7 @@ def main() -> None:
               f"kernel {r['kernel_ms']:.4f} ms {r['kernel_TFLOPs']:6.1f} TFLOP/s | "
               f"sdpa {r['sdpa_ms']:.4f} ms {r['sdpa_TFLOPs']:6.1f} TFLOP/s | max|diff| {r['max_abs_diff_vs_sdpa']:.1e}")
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

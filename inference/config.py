@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
+# "dummy": random weights built on the device, no weight files read (benchmarks
+# of shapes too large to write to disk; outputs are meaningless).
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass(slots=True)
@@ -40,6 +43,7 @@ class EngineConfig:
     # eagerly (the tests' way to check padding). create() picks False on CUDA
     # and True on the CPU unless told.
     enforce_eager: bool = False
+    load_format: str = "safetensors"  # one of LOAD_FORMATS
 
     @classmethod
     def create(
@@ -56,6 +60,7 @@ class EngineConfig:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         enforce_eager: bool | None = None,
+        load_format: str = "safetensors",
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -74,6 +79,8 @@ class EngineConfig:
             dtype = "bfloat16" if device == "cuda" else "float32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {dtype!r}")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
         if block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be 8, 16, 32 or 64, got {block_size}")
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -109,6 +116,7 @@ class EngineConfig:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
+            load_format=load_format,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -33,6 +33,10 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     prompt_tokens_computed: int
+    # Device memory held for good: every weight (all experts of an MoE model,
+    # not just the active ones) and the KV cache, scratch block included.
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

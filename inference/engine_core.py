@@ -135,4 +135,6 @@ class EngineCore:
             prefix_cache_queries=self.scheduler.stats.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.stats.prefix_cache_hits,
             prompt_tokens_computed=self.scheduler.stats.prompt_tokens_computed,
+            weight_bytes=self.runner.weight_bytes,
+            kv_cache_bytes=self.runner.kv_cache_bytes,
         )

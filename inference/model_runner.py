@@ -56,10 +56,12 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
-        self.model = load_model(config.model, hf_config, self.dtype, config.device)
+        self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)
         self.kv_caches = self._allocate_kv_cache()
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
         attn = self.model.layers[0].self_attn
         workspace_numel = kernels.decode_workspace_numel(
             config.max_num_seqs, attn.num_heads, attn.head_dim, config.max_model_len, self.device
@@ -95,7 +97,8 @@ class ModelRunner:
         return num_blocks
 
     def _gpu_kv_budget(self) -> int:
-        """What the utilization target leaves after the weights, the peak
+        """What the utilization target leaves after the weights (measured, so
+        every expert of an MoE model counts, active or not), the peak
         activations of the largest step, the decode graphs' memory pool and
         memory torch does not manage."""
         torch.cuda.reset_peak_memory_stats()

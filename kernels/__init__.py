@@ -55,11 +55,19 @@ Layer kernels (each replaces a chain of small torch ops in a decoder layer):
   ops in its order (bit-exact in float32); the kernels round at the same
   points but compute in float32 in between.
 
+Mixture of experts (`moe.py` states its layout and invariants):
+    fused_moe(hidden_states, w13, w2, topk_weights, topk_ids) -> out
+
+- `w13` `[num_experts, 2 * intermediate, hidden]` (gate, then up), `w2`
+  `[num_experts, hidden, intermediate]`; `topk_weights`/`topk_ids` (int64)
+  `[num_tokens, top_k]` come from the router. The reference is transformers'
+  loop over experts.
+
 Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 `decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`
 otherwise, which also takes decode rows in a mixed batch; `rmsnorm.py`,
-`rotary.py`, `activation.py` for the layer kernels). CPU tensors run the
-torch references in `reference.py`, unless `PAGEDINFER_TRITON_INTERPRET=1`:
+`rotary.py`, `activation.py` for the layer kernels; `moe.py`). CPU tensors run
+the torch references in `reference.py`, unless `PAGEDINFER_TRITON_INTERPRET=1`:
 then they run the same Triton kernels in Triton's interpreter. The interpreter
 must be chosen before Triton is first imported in the process (Triton decides
 at `@triton.jit` time, for its own library functions too), so with that
@@ -69,7 +77,8 @@ and says so. Triton is imported lazily, on the first Triton call, so `import
 kernels` works where Triton is not installed (the references need only torch).
 The store kernel lives in `kv_store.py`, not `store_kv.py`: importing a
 submodule binds it on the package, which would replace the `store_kv` function
-(so the norm kernels live in `rmsnorm.py`, not `rms_norm.py`).
+(so the norm kernels live in `rmsnorm.py`, not `rms_norm.py`, and
+`fused_moe` in `moe.py`).
 `python -m kernels.compile_check` compiles every launch configuration for a
 CUDA target without a GPU (the interpreter does not exercise Triton's compiler).
 
@@ -107,7 +116,7 @@ from kernels import reference
 
 __all__ = [
     "apply_rotary_embedding", "decode_workspace_numel", "fused_add_rms_norm", "paged_attention", "rms_norm",
-    "silu_and_mul", "store_kv",
+    "fused_moe", "silu_and_mul", "store_kv",
 ]
 
 INTERPRET_ENV = "PAGEDINFER_TRITON_INTERPRET"
@@ -228,3 +237,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not _use_triton(x.device):
         return reference.silu_and_mul(x)
     return _import_kernel("activation", x.device).silu_and_mul(x)
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    if not _use_triton(hidden_states.device):
+        return reference.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
+    return _import_kernel("moe", hidden_states.device).fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)

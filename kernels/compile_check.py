@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget
 import kernels.activation as activation_mod
 import kernels.decode_attention as decode_mod
 import kernels.kv_store as store_mod
+import kernels.moe as moe_mod
 import kernels.prefill_attention as prefill_mod
 import kernels.rmsnorm as rmsnorm_mod
 import kernels.rotary as rotary_mod
@@ -52,12 +53,17 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
         (prefill_mod, "dot_dtype"): prefill_mod.dot_dtype,
         (decode_mod, "_num_programs_wanted"): decode_mod._num_programs_wanted,
         (prefill_mod, "_tile_config"): prefill_mod._tile_config,
+        (moe_mod, "dot_dtype"): moe_mod.dot_dtype,
+        (moe_mod, "_tile_config"): moe_mod._tile_config,
     }
     kernels = (store_mod._store_kv_kernel, decode_mod._decode_attention_kernel,
                decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel,
                rmsnorm_mod._rms_norm_kernel, rotary_mod._rotary_embedding_kernel,
-               activation_mod._silu_and_mul_kernel)
+               activation_mod._silu_and_mul_kernel, moe_mod._moe_gate_up_kernel, moe_mod._moe_down_kernel)
     decode_mod.dot_dtype = prefill_mod.dot_dtype = lambda dtype, device: saved[(decode_mod, "dot_dtype")](dtype, _CUDA)
+    moe_mod.dot_dtype = lambda dtype, device: saved[(moe_mod, "dot_dtype")](dtype, _CUDA)
+    moe_mod._tile_config = lambda num_pairs, num_experts, device: saved[(moe_mod, "_tile_config")](
+        num_pairs, num_experts, _CUDA)
     decode_mod._num_programs_wanted = lambda device: 4 * 132
     prefill_mod._tile_config = lambda group, head_dim, device: saved[(prefill_mod, "_tile_config")](
         group, head_dim, _CUDA)
@@ -102,6 +108,21 @@ def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
                 torch.tensor([0, 512], dtype=torch.int32), 512, 0.1,
             )
         _launch_layer_kernels()
+        _launch_moe_kernels()
+
+
+def _launch_moe_kernels() -> None:
+    """Qwen3-30B-A3B's experts (128 of 2048 -> 768, top-8) at decode (batch 1 and 64: 16-row tiles) and
+    prefill (4096 tokens: 64-row tiles). Tile shapes depend on the dtype and the regime, not on the sizes,
+    so one expert's weights are expanded over all 128 instead of allocated."""
+    hidden, intermediate, num_experts, top_k = 2048, 768, 128, 8
+    for dtype in (torch.bfloat16, torch.float16):
+        w13 = torch.zeros(1, 2 * intermediate, hidden, dtype=dtype).expand(num_experts, -1, -1)
+        w2 = torch.zeros(1, hidden, intermediate, dtype=dtype).expand(num_experts, -1, -1)
+        for num_tokens in (1, 64, 4096):
+            ids = torch.arange(num_tokens * top_k).view(num_tokens, top_k) % num_experts
+            moe_mod.fused_moe(torch.zeros(num_tokens, hidden, dtype=dtype), w13, w2,
+                              torch.zeros(num_tokens, top_k), ids)
 
 
 def _launch_layer_kernels() -> None:

@@ -158,3 +158,24 @@ def apply_rotary_embedding(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.split(x.shape[-1] // 2, dim=-1)
     return F.silu(gate) * up
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    # transformers' expert loop, op for op: experts in ascending order, each
+    # one's (slot, token) rows in `torch.where` order, accumulated by
+    # index_add_ in the activation dtype, so float32 matches it bit for bit.
+    num_experts = w13.shape[0]
+    out = torch.zeros_like(hidden_states)
+    expert_mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)  # [experts, top_k, tokens]
+    for expert in expert_mask.sum(dim=(1, 2)).nonzero()[:, 0].tolist():
+        slot, token = torch.where(expert_mask[expert])
+        gate, up = F.linear(hidden_states[token], w13[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(F.silu(gate) * up, w2[expert])
+        out.index_add_(0, token, (expert_out * topk_weights[token, slot, None]).to(out.dtype))
+    return out

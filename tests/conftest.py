@@ -30,6 +30,21 @@ TINY_CONFIGS = {
         max_position_embeddings=1024, tie_word_embeddings=False,
     ),
 }
+# Mixture-of-experts models, kept apart from TINY_CONFIGS (whose error tests
+# edit dense-MLP tensors). Qwen3-MoE's middle layer is dense (mlp_only_layers).
+TINY_MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+        max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+    "mixtral": dict(
+        model_type="mixtral", vocab_size=384, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    ),
+}
 
 
 def build_tiny_tokenizer(folder) -> None:
@@ -51,14 +66,18 @@ def build_tiny_model(model_type: str, folder, seed: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs = dict({**TINY_CONFIGS, **TINY_MOE_CONFIGS}[model_type])
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; scale the embeddings up so
-    # greedy continuations are decisive rather than decided by rounding.
+    # greedy continuations are decisive rather than decided by rounding
+    # (and the MoE routers, so no top-k choice is a near tie).
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(20.0)
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(20.0)
     model.config.architectures = [type(model).__name__]
     model.config.eos_token_id = 256
     model.generation_config.eos_token_id = 256
@@ -70,6 +89,14 @@ def build_tiny_model(model_type: str, folder, seed: int = 0):
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def tiny_model(request, tmp_path_factory):
     """(model_type, folder, transformers model) for each tiny architecture."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model = build_tiny_model(request.param, folder)
+    return request.param, folder, model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_MOE_CONFIGS))
+def tiny_moe_model(request, tmp_path_factory):
+    """(model_type, folder, transformers model) for each tiny mixture-of-experts architecture."""
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     model = build_tiny_model(request.param, folder)
     return request.param, folder, model

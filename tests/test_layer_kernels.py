@@ -344,12 +344,17 @@ def test_layer_kernels_replay_in_cuda_graph() -> None:
         _assert_close(k, expected_k)
 
 
-@pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
-def test_interpreter_cases_in_subprocess() -> None:
+def run_in_fresh_interpreter(test_file: str) -> None:
+    """Run a kernel test file in a new process with Triton's interpreter on from the start."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
+def test_interpreter_cases_in_subprocess() -> None:
+    run_in_fresh_interpreter(__file__)

@@ -134,10 +134,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, head_dim: int, qkv_bias: bool, qk_norm: bool, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = Attention(config, head_dim, qkv_bias, qk_norm)
-        self.mlp = MLP(config)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -167,17 +167,22 @@ class LlamaForCausalLM(nn.Module):
         model_type = config.model_type
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
-        qk_norm = model_type == "qwen3"
+        qk_norm = model_type in ("qwen3", "qwen3_moe")
         self.config = config
         self.head_dim = head_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, head_dim, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, head_dim, qkv_bias, qk_norm, self.make_mlp(config, layer_id))
+            for layer_id in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, head_dim)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def make_mlp(self, config, layer_id: int) -> nn.Module:
+        """The feed-forward block of layer `layer_id`: the hook the mixture-of-experts families override."""
+        return MLP(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Flattened tokens of the whole batch -> final hidden states."""

@@ -2,13 +2,18 @@
 
 Checkpoint names map onto ours by stripping the `model.` prefix; q/k/v and
 gate/up are concatenated along the output dim, in that order, as the fused
-projections expect. Every parameter must be written exactly once, so a
-missing tensor or shard is an error naming it, never silent random weights.
+projections expect. Per-expert MoE tensors (Qwen3-MoE
+`mlp.experts.N.gate_proj`, Mixtral `block_sparse_moe.experts.N.w1`) are
+stacked into our `[num_experts, ...]` expert parameters; a checkpoint that
+already stores them stacked (transformers' own names) loads as is. Every
+parameter must be written exactly once, so a missing tensor or shard is an
+error naming it, never silent random weights.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +28,12 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", 2),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_EXPERT = re.compile(r"(?P<layer>.+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
+# per-expert projection -> (our stacked parameter, part index in it or None)
+_EXPERT_PARTS = {
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None),
+    "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None),  # Mixtral's names
 }
 
 
@@ -45,18 +56,26 @@ def list_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _target(name: str) -> tuple[str, int | None]:
-    name = name.removeprefix("model.")
+def _target(name: str) -> tuple[str, int | None, int | None]:
+    """(our parameter, expert index or None, fused part index or None) of a checkpoint tensor."""
+    name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    expert = _EXPERT.fullmatch(name)
+    if expert and expert["proj"] in _EXPERT_PARTS:
+        stacked, part = _EXPERT_PARTS[expert["proj"]]
+        return f"{expert['layer']}.mlp.experts.{stacked}", int(expert["expert"]), part
     for suffix, (fused, part) in _FUSED.items():
         for kind in (".weight", ".bias"):
             if name.endswith(suffix + kind):
-                return name[: -len(suffix + kind)] + fused + kind, part
-    return name, None
+                return name[: -len(suffix + kind)] + fused + kind, None, part
+    return name, None, None
 
 
 def _fused_parts(model: nn.Module, name: str) -> list[int]:
     """Output sizes of the parts of a parameter; one part if it is not fused."""
-    module_name, kind, _ = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", "")
+    module_name, kind, leaf = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", "")
+    if kind == "experts" and leaf == "gate_up_proj":
+        experts = model.get_submodule(f"{module_name}.experts")
+        return [experts.intermediate_size, experts.intermediate_size]
     if kind == "qkv_proj":
         attn = model.get_submodule(module_name)
         return [attn.q_size, attn.kv_size, attn.kv_size]
@@ -64,6 +83,14 @@ def _fused_parts(model: nn.Module, name: str) -> list[int]:
         mlp = model.get_submodule(module_name)
         return [mlp.intermediate_size, mlp.intermediate_size]
     return [0]
+
+
+def _num_writes(model: nn.Module, name: str) -> int:
+    """Writes that fill a parameter: one per fused part, and per expert for stacked expert weights."""
+    num_parts = len(_fused_parts(model, name))
+    if ".experts." in name:
+        return num_parts * model.get_submodule(name.rsplit(".", 1)[0]).num_experts
+    return num_parts
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -81,8 +108,8 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                     continue
                 if ckpt_name == "lm_head.weight" and "lm_head.weight" not in params:
                     continue  # tied embeddings: some checkpoints still store the copy
-                name, part = _target(ckpt_name)
-                if name not in params:
+                name, expert, part = _target(ckpt_name)
+                if name not in params or (expert is not None and expert >= params[name].shape[0]):
                     raise ValueError(f"{path.name}: unexpected tensor {ckpt_name!r}")
                 try:
                     tensor = f.get_tensor(ckpt_name)
@@ -90,18 +117,18 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                     raise ValueError(f"{path}: cannot read tensor {ckpt_name!r} ({exc})") from exc
                 param = params[name]
                 with torch.no_grad():
-                    if part is None:
-                        dest = param
-                    else:
+                    dest = param if expert is None else param[expert]
+                    if part is not None:
                         sizes = _fused_parts(model, name)
                         offset = sum(sizes[:part])
-                        dest = param.narrow(0, offset, sizes[part])
+                        dest = dest.narrow(0, offset, sizes[part])
                     if dest.shape != tensor.shape:
                         raise ValueError(
                             f"{path.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
                         )
                     dest.copy_(tensor)
-                written[name] = written.get(name, 0) + 1
+                whole = expert is None and part is None
+                written[name] = written.get(name, 0) + (_num_writes(model, name) if whole else 1)
     for name in params:
-        if written.get(name, 0) != len(_fused_parts(model, name)):
+        if written.get(name, 0) != _num_writes(model, name):
             raise ValueError(f"{folder}: weights for {name!r} are missing from the checkpoint")
