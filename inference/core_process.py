@@ -1,7 +1,8 @@
 """The engine-core process: a busy loop that never waits on HTTP.
 
     drain inputs     adds and aborts from the front end (ZeroMQ PULL); it
-                     blocks only while there is no work
+                     blocks only while there is no work; a KV snapshot
+                     asked for is taken and sent here, between two steps
     core.step()      one forward pass
     send outputs     ONE `StepOutputs` per step (ZeroMQ PUSH): every sample's
                      new token ids, finishes, logprobs, and the engine stats
@@ -35,6 +36,7 @@ from inference.core_protocol import (
     CoreFailed,
     CoreReady,
     Shutdown,
+    SnapshotKV,
     StepOutputs,
 )
 
@@ -129,6 +131,9 @@ class _CoreLoop:
                 return None
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
+                continue
+            if isinstance(message, SnapshotKV):  # between steps: never a half-updated state
+                self.outputs.send(self.codec.encode(self.core.kv_snapshot()), copy=False)
                 continue
             self._add(message)
 

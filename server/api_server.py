@@ -74,6 +74,7 @@ def run_server(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
+        enable_console=not args.disable_console,
     )
 
     from server.cli import build_core
