@@ -67,10 +67,12 @@ async def kv_blocks_stream(request: Request) -> StreamingResponse:
     async def snapshots() -> AsyncIterator[dict[str, Any]]:
         # Ends when the client goes (Starlette cancels it) or the engine dies
         # (sse() turns that into an error event).
+        next_update = time.monotonic()
         while True:
-            started = time.monotonic()
-            yield _snapshot_json(await engine.kv_snapshot())
-            await asyncio.sleep(max(0.0, MIN_UPDATE_INTERVAL_S - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, next_update - time.monotonic()))
+            snapshot = await engine.kv_snapshot()  # fresh: taken after the wait
+            next_update = time.monotonic() + MIN_UPDATE_INTERVAL_S
+            yield _snapshot_json(snapshot)
 
     return StreamingResponse(sse(snapshots()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
