@@ -126,14 +126,16 @@ class _CoreLoop:
                 message = self.input_codec.decode(self.inputs.recv(zmq.NOBLOCK, copy=False).buffer)
             except zmq.Again:
                 return applied
+            if isinstance(message, SnapshotKV):
+                # Between steps, so never a half-updated state; it changes
+                # nothing, so it is not counted as applied (no stats message).
+                self.outputs.send(self.codec.encode(self.core.kv_snapshot()), copy=False)
+                continue
             applied += 1
             if isinstance(message, Shutdown):
                 return None
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
-                continue
-            if isinstance(message, SnapshotKV):  # between steps: never a half-updated state
-                self.outputs.send(self.codec.encode(self.core.kv_snapshot()), copy=False)
                 continue
             self._add(message)
 

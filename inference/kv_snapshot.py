@@ -82,6 +82,8 @@ def kv_snapshot_json(snapshot: KVSnapshot) -> dict[str, Any]:
         "num_shared_blocks": sum(1 for count in ref_cnts if count > 1),
         "ref_cnts": ref_cnts,
         "hashes": hashes,
-        "requests": [asdict(request) for request in snapshot.requests],
+        # Not asdict(): it deep-copies every block table.
+        "requests": [{"request_id": r.request_id, "block_table": r.block_table,
+                      "num_computed_tokens": r.num_computed_tokens} for r in snapshot.requests],
         "stats": stats,
     }

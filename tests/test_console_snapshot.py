@@ -4,8 +4,11 @@ invariants, and `--disable-console`."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 from console_tools import snapshot_problems
+from server_fixtures import REPO
 from starlette.testclient import TestClient
 
 from inference import LLM, SamplingParams
@@ -68,8 +71,15 @@ def test_disable_console_gives_404(tiny_llama_dir):
     # does not run): which routes exist does not depend on the engine.
     args = build_parser().parse_args(["serve", "--model", str(tiny_llama_dir), "--disable-console"])
     with_console = build_parser().parse_args(["serve", "--model", str(tiny_llama_dir)])
-    for parsed, expected in ((args, 404), (with_console, None)):
+    for parsed, console_on in ((args, False), (with_console, True)):
         client = TestClient(create_app(server_settings(parsed), functools.partial(build_core, parsed)))
         for path in ("/", "/debug/kv", "/debug/kv/stream", "/debug/stats", "/static/console.js"):
             status = client.get(path).status_code
-            assert status == 404 if expected == 404 else status != 404, (path, status)
+            assert (status != 404) == console_on, (path, status)
+
+
+def test_snapshot_bench_runs():
+    done = subprocess.run([sys.executable, "-m", "bench.kv_snapshot", "--num-blocks", "256", "--repeats", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "take_kv_snapshot (core)" in done.stdout and "256 blocks" in done.stdout

@@ -17,6 +17,8 @@
 
   function draw(chart, points, now) {
     const canvas = document.getElementById(chart.canvas);
+    // Draw at the size the page gives the canvas, so text is not stretched.
+    canvas.width = canvas.clientWidth || canvas.width;
     const ctx = canvas.getContext("2d");
     const { width, height } = canvas;
     const left = 36, bottom = height - 14;
@@ -33,7 +35,7 @@
     for (const frac of [0, 0.5, 1]) {
       const y = bottom - frac * (bottom - 4);
       ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width, y); ctx.stroke();
-      ctx.fillText((top * frac).toPrecision(3), 2, y + 3);
+      ctx.fillText(String(+(top * frac).toPrecision(3)), 2, y + 3);
     }
     ctx.fillText("-5 min", left, height - 2);
     ctx.fillText("now", width - 20, height - 2);
@@ -51,6 +53,11 @@
         drawing = true;
       }
       ctx.stroke();
+      // Dots too: a latency seen in one second only has no neighbour to join.
+      ctx.fillStyle = colour;
+      for (const p of points) {
+        if (p[key] !== null && now - p.time <= WINDOW_S) ctx.fillRect(x(p.time) - 1, y(p[key] * scale) - 1, 3, 3);
+      }
     }
   }
 
