@@ -3,15 +3,19 @@ invariants, and `--disable-console`."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import subprocess
 import sys
 
+import pytest
 from console_tools import snapshot_problems
 from server_fixtures import REPO
 from starlette.testclient import TestClient
 
 from inference import LLM, SamplingParams
+from inference.async_engine import EngineDeadError
+from inference.async_snapshot import SharedSnapshotRequest
 from inference.core_codec import Codec
 from inference.core_protocol import CORE_OUTPUTS
 from inference.kv_snapshot import kv_snapshot_json
@@ -83,3 +87,25 @@ def test_snapshot_bench_runs():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "take_kv_snapshot (core)" in done.stdout and "256 blocks" in done.stdout
+
+
+def test_viewers_asking_together_share_one_core_request(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), block_size=BLOCK_SIZE, num_kv_blocks=16, max_model_len=64)
+    snapshot = llm.kv_snapshot()
+
+    async def run() -> None:
+        pending, sent = SharedSnapshotRequest(), []
+        waiters = [asyncio.ensure_future(pending.get(lambda: sent.append(1))) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert sent == [1]  # one request to the core for three viewers
+        waiters[0].cancel()  # one viewer leaving does not cancel the others' reply
+        pending.resolve(snapshot)
+        assert [await w for w in waiters[1:]] == [snapshot, snapshot]
+        failing = asyncio.ensure_future(pending.get(lambda: sent.append(2)))
+        await asyncio.sleep(0)
+        pending.fail(EngineDeadError("core died"))
+        with pytest.raises(EngineDeadError):
+            await failing
+        assert sent == [1, 2]
+
+    asyncio.run(run())
