@@ -16,7 +16,8 @@ Invariants of a snapshot (the block manager's, seen at one instant):
 - a free block whose `block_hashes[i]` is set still holds a cached prefix
   (evictable); an in-use block may carry a hash too (a full, shareable block).
 
-The JSON (`GET /debug/kv`, each event of `GET /debug/kv/stream`):
+The JSON (`GET /debug/kv` and each event of `GET /debug/kv/stream` add
+"time", the Unix time it was sent):
 
     {
       "block_size": 16, "num_blocks": 512,

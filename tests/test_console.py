@@ -21,6 +21,7 @@ import httpx
 import pytest
 from console_tools import snapshot_problems, start_chromium, wait_for
 from PIL import Image
+from selenium.webdriver import ActionChains
 from server_fixtures import API_KEY, REPO, shared_server
 
 pytestmark = pytest.mark.slow
@@ -166,6 +167,11 @@ def test_shared_prefix_shows_shared_then_cached(server, browser):
             second.wait(60)
             shared = wait_for(lambda: [i for i, s in cells(browser).items() if s == "shared"], 15, "shared cells")
             assert len(shared) >= len(prefix) // BLOCK_SIZE
+            cell = browser.find_element("css selector", f'#kv-grid .cell[data-block-id="{shared[0]}"]')
+            ActionChains(browser).move_to_element(cell).perform()
+            tooltip = wait_for(lambda: browser.find_element("id", "kv-tooltip").text, 5, "the tooltip")
+            assert f"block {shared[0]}\nref count 2\nowners " in tooltip and ", " in tooltip  # two owner ids
+            assert f"slots filled {BLOCK_SIZE}/{BLOCK_SIZE}" in tooltip and "prefix hash none" not in tooltip
     wait_for(lambda: num_in_use(browser) == 0, 10, "the blocks to be freed")
     page = cells(browser)
     assert all(page[i] == "cached" for i in shared), {i: page[i] for i in shared}
