@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model test serve bench clean
+.PHONY: install model browser test serve bench clean
 
 $(VENV)/.torch-stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ install: $(VENV)/.install-stamp
 model: install
 	$(VENV)/bin/pagedinfer prepare-model
 
-test: model
+# The console tests drive Debian's chromium (browser downloads are impossible
+# here); CI runs as root and gets it from apt when it is missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: model browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: model

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from inference.async_snapshot import SharedSnapshotRequest
 from inference.core_process import run_engine_core
 from inference.core_codec import Codec
 from inference.core_protocol import (
@@ -36,7 +37,9 @@ from inference.core_protocol import (
     AddRequest,
     CoreFailed,
     CoreReady,
+    KVSnapshot,
     Shutdown,
+    SnapshotKV,
     StepOutputs,
     check_request,
 )
@@ -75,6 +78,7 @@ class AsyncLLM:
         self._ready = asyncio.Event()
         self._stats: EngineStats | None = None
         self._processor: OutputProcessor | None = None
+        self._kv_snapshot = SharedSnapshotRequest()
         self.config: EngineConfig | None = None
         self.vocab_size = 0
         self.dead_error: BaseException | None = None
@@ -188,6 +192,12 @@ class AsyncLLM:
         finally:
             stream.abort()
 
+    async def kv_snapshot(self) -> KVSnapshot:
+        """The KV cache's blocks and holders, taken by the core between two steps."""
+        if not self.is_ready:
+            raise EngineDeadError("engine is not running")
+        return await self._kv_snapshot.get(lambda: self._send(SnapshotKV()))
+
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core process and fail whatever is still open."""
         if self.dead_error is None:
@@ -210,7 +220,7 @@ class AsyncLLM:
         self._context.term()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def _send(self, message: AddRequest | AbortRequests | Shutdown) -> None:
+    def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV) -> None:
         try:
             self._inputs.send(self._input_codec.encode(message), zmq.NOBLOCK)
         except zmq.Again:  # only a core that never connected refuses
@@ -249,6 +259,8 @@ class AsyncLLM:
                 message = self._output_codec.decode(frame.buffer)
                 if isinstance(message, StepOutputs):
                     self._on_step(message)
+                elif isinstance(message, KVSnapshot):
+                    self._kv_snapshot.resolve(message)
                 elif isinstance(message, CoreReady):
                     await self._on_ready(message)
                 elif isinstance(message, CoreFailed):
@@ -321,6 +333,7 @@ class AsyncLLM:
 
     def _fail_all(self, error: BaseException) -> None:
         self._num_unaccepted = 0
+        self._kv_snapshot.fail(error)
         for request_id in list(self._streams):
             self._fail(request_id, error)
         self._ready.set()  # wake wait_ready() so it can report the failure

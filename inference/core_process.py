@@ -1,7 +1,8 @@
 """The engine-core process: a busy loop that never waits on HTTP.
 
     drain inputs     adds and aborts from the front end (ZeroMQ PULL); it
-                     blocks only while there is no work
+                     blocks only while there is no work; a KV snapshot
+                     asked for is taken and sent here, between two steps
     core.step()      one forward pass
     send outputs     ONE `StepOutputs` per step (ZeroMQ PUSH): every sample's
                      new token ids, finishes, logprobs, and the engine stats
@@ -35,6 +36,7 @@ from inference.core_protocol import (
     CoreFailed,
     CoreReady,
     Shutdown,
+    SnapshotKV,
     StepOutputs,
 )
 
@@ -124,6 +126,11 @@ class _CoreLoop:
                 message = self.input_codec.decode(self.inputs.recv(zmq.NOBLOCK, copy=False).buffer)
             except zmq.Again:
                 return applied
+            if isinstance(message, SnapshotKV):
+                # Between steps, so never a half-updated state; it changes
+                # nothing, so it is not counted as applied (no stats message).
+                self.outputs.send(self.codec.encode(self.core.kv_snapshot()), copy=False)
+                continue
             applied += 1
             if isinstance(message, Shutdown):
                 return None

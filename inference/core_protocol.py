@@ -98,7 +98,12 @@ class Shutdown:
     pass
 
 
-CORE_INPUTS = (AddRequest, AbortRequests, Shutdown)
+@dataclass(slots=True)
+class SnapshotKV:
+    """Ask for a `KVSnapshot`; the core answers between two steps."""
+
+
+CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV)
 
 
 # ---- core -> front end -------------------------------------------------------
@@ -147,4 +152,22 @@ class CoreFailed:
     error: str
 
 
-CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed)
+@dataclass(slots=True)
+class RequestBlocks:
+    request_id: str  # the sample's id (see `sample_request_id`)
+    block_table: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class KVSnapshot:
+    """Every KV block's state at one instant between steps (see inference/kv_snapshot.py)."""
+
+    block_size: int
+    ref_cnts: list[int]  # by block id
+    block_hashes: list[bytes | None]  # by block id; full hashes, cut short by the reader
+    requests: list[RequestBlocks]  # those holding blocks
+    stats: EngineStats
+
+
+CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed, KVSnapshot)

@@ -17,7 +17,7 @@ import time
 from transformers import AutoTokenizer
 
 from inference.config import EngineConfig
-from inference.core_protocol import AddRequest, EngineStats, check_request
+from inference.core_protocol import AddRequest, EngineStats, KVSnapshot, check_request
 from inference.engine_core import EngineCore, StepError
 from inference.output_processor import OutputProcessor
 from inference.outputs import RequestOutput
@@ -76,3 +76,6 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def kv_snapshot(self) -> KVSnapshot:
+        return self.core.kv_snapshot()

@@ -18,7 +18,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig
-from inference.core_protocol import AddRequest, EngineStats, SampleOutput, StepOutputs, check_request, sample_request_id
+from inference.core_protocol import (
+    AddRequest, EngineStats, KVSnapshot, SampleOutput, StepOutputs, check_request, sample_request_id,
+)
+from inference.kv_snapshot import take_kv_snapshot
 from inference.model_runner import ModelRunner
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler
@@ -138,3 +141,7 @@ class EngineCore:
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
         )
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """The KV cache's blocks and their holders; call it between steps."""
+        return take_kv_snapshot(self.block_manager, self.scheduler.requests.values(), self.stats())

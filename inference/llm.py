@@ -7,6 +7,7 @@ import itertools
 from tqdm import tqdm
 
 from inference.config import EngineConfig
+from inference.core_protocol import KVSnapshot
 from inference.engine import EngineStats, LLMEngine
 from inference.outputs import RequestOutput
 from inference.sampling_params import SamplingParams
@@ -84,3 +85,8 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """Every KV block's state; `inference.kv_snapshot.kv_snapshot_json` gives
+        the JSON the server's /debug/kv answers with."""
+        return self.engine.kv_snapshot()

@@ -64,9 +64,8 @@ def _served_model_name(args: argparse.Namespace) -> str:
     return Path(args.model).name if args.model else default_model_dir().name
 
 
-def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
         served_model_name=_served_model_name(args),
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
@@ -74,7 +73,13 @@ def run_server(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
+        enable_console=not args.disable_console,
     )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = server_settings(args)
 
     from server.cli import build_core
 

@@ -18,9 +18,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from starlette.staticfiles import StaticFiles
 
 from inference.async_engine import AsyncLLM
 from inference.request_stream import EngineDeadError
+from server.console_routes import STATIC_DIR, console_router
+from server.console_stats import StatsHistory
 from server.errors import install_error_handlers
 from server.metrics import EngineMetrics
 from server.middleware import ApiKeyAuth, BodySizeLimit
@@ -53,14 +56,18 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
     """`core_factory` builds the EngineCore; it is pickled to the core process."""
     state = ServerState(settings)
     metrics = EngineMetrics(state)
+    console_stats = StatsHistory(metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.engine = AsyncLLM(core_factory, stats_logger=metrics.record)
         loading = asyncio.create_task(_finish_loading(state))
+        sampling = asyncio.create_task(console_stats.run()) if settings.enable_console else None
         yield
         state.draining = True
         loading.cancel()
+        if sampling is not None:
+            sampling.cancel()
         await state.engine.shutdown()
         state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -73,6 +80,10 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
     app.state.server = state
     app.state.metrics_registry = metrics.registry
     app.include_router(router)
+    if settings.enable_console:
+        app.state.console_stats = console_stats
+        app.include_router(console_router)
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
     # The last middleware added runs first: the key is checked before a large body is read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)

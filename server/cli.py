@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--metrics-compat", choices=["none", "vllm"], default="none")
     serve.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
+    serve.add_argument("--disable-console", action="store_true", help="no web console at / and no /debug/*")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -175,6 +175,18 @@ class EngineMetrics(Collector):
             total_blocks=stats.num_total_blocks,
         )
 
+    def totals(self) -> dict[str, float]:
+        """Gauges and running totals now, for the console's stats history."""
+        ttft, itl = self._histograms["ttft"], self._histograms["itl"]
+        return {
+            "generation_tokens": self._counters["generation_tokens"],
+            "running": self._gauges["running"],
+            "waiting": self._gauges["waiting"],
+            "kv_usage": self._gauges["kv_usage"],
+            "ttft_sum": ttft.sum, "ttft_count": ttft.count,
+            "itl_sum": itl.sum, "itl_count": itl.count,
+        }
+
     # ---- scrape (event loop) -----------------------------------------------
 
     def _names(self, spec: tuple) -> list[str]:

@@ -28,6 +28,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     log_prompts: bool = False
     metrics_compat: str = "none"  # "vllm": also export vLLM's metric names
+    enable_console: bool = True  # the web console at / and its /debug/* data
 
 
 @dataclass(slots=True)
