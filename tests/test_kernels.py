@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.kv_store import store_kv  # noqa: E402
-from kernels.prefill_attention import prefill_attention  # noqa: E402
+from kernels.prefill_attention import PREFILL_CONFIGS, PrefillConfig, prefill_attention  # noqa: E402
 
 INTERPRETER = kernels.interpreter_active()
 
@@ -69,9 +69,10 @@ def _interpreter_takes_loaded_loop_bounds() -> bool:
 
 INTERPRETER_WORKS = INTERPRETER and _interpreter_takes_loaded_loop_bounds()
 
+CUDA_CASES = [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
 CASES = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
 if CUDA:
-    CASES += [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
+    CASES += CUDA_CASES
 
 # (atol, rtol) against a float32 reference computed from the same rounded inputs.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -251,6 +252,93 @@ def test_prefill_attention(device: str, dtype: torch.dtype, group: int, head_dim
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=str)
+def test_prefill_every_tuning_config(device: str, dtype: torch.dtype, config: PrefillConfig) -> None:
+    """Each config the autotuner may pick, on a group of 3 (padded to 4) and a long context:
+    whole unmasked key tiles, diagonal tiles and several query tiles per request."""
+    _need_kernels(device)
+    batch = make_batch(_prefill_requests(16) + [(40, 230)], 3, 64, 16, dtype, device, seed=9)
+    out = prefill_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
+        batch.query_start_loc, batch.max_query_len, 0.1, out=poisoned_like(batch.query), config=config,
+    )
+    check_output(out, batch, 0.1)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_cached_launches(device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both attention wrappers check a geometry once, then launch through the cache with the same
+    results; a new geometry is checked again, and the per-call request-count checks always run."""
+    _need_kernels(device)
+    import kernels._launch as launch_mod
+    import kernels.decode_attention as decode_mod
+    import kernels.prefill_attention as prefill_mod
+
+    checked: list[str] = []
+    for mod in (decode_mod, prefill_mod):
+        real = mod.check_attention_args
+        monkeypatch.setattr(mod, "check_attention_args", lambda *a, _real=real: checked.append("check") or _real(*a))
+    launch_mod.CHECKED.clear()
+    decode = make_batch(_decode_requests(16), 4, 64, 16, dtype, device, seed=2)
+    prefill = make_batch(_prefill_requests(16), 4, 64, 16, dtype, device, seed=2)
+
+    def run_both(decode: PagedBatch, prefill: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        d = decode_attention(decode.query, decode.key_cache, decode.value_cache, decode.block_tables, decode.seq_lens,
+                             decode.query_start_loc, decode.max_seq_len, 0.1, out=poisoned_like(decode.query),
+                             num_splits=2)
+        p = prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
+                              prefill.seq_lens, prefill.query_start_loc, prefill.max_query_len, 0.1,
+                              out=poisoned_like(prefill.query))
+        return d, p
+
+    first = run_both(decode, prefill)
+    assert checked == ["check", "check"]
+    handles = dict(launch_mod.HANDLES)
+    second = run_both(decode, prefill)
+    assert checked == ["check", "check"], "a known geometry was checked again"
+    if device == "cuda":  # the second calls went through the compiled handles the first ones left
+        assert launch_mod.HANDLES == handles and handles
+    for a, b, batch in zip(first, second, (decode, prefill)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+        check_output(b, batch, 0.1)
+
+    # Fewer requests, same geometry: not checked again, still right.
+    fewer = replace(decode, block_tables=decode.block_tables[:3], seq_lens=decode.seq_lens[:3],
+                    query_start_loc=decode.query_start_loc[:4], max_seq_len=37, num_tokens=3)
+    check_output(run_both(fewer, prefill)[0], fewer, 0.1)
+    assert len(checked) == 2
+    bad_args = decode.query, decode.key_cache, decode.value_cache
+    with pytest.raises(AssertionError, match="one row per request"):
+        decode_attention(*bad_args, decode.block_tables[:-1], decode.seq_lens, decode.query_start_loc, 150, 0.1)
+    with pytest.raises(AssertionError, match="num_reqs \\+ 1"):
+        prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
+                          prefill.seq_lens, prefill.query_start_loc[:-1], prefill.max_query_len, 0.1)
+    with pytest.raises(AssertionError, match="head_dim"):
+        decode_attention(decode.query[..., :32], *bad_args[1:], decode.block_tables, decode.seq_lens,
+                         decode.query_start_loc, 150, 0.1)
+    with pytest.raises(AssertionError, match="seq_lens must be torch.int32"):
+        prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
+                          prefill.seq_lens.long(), prefill.query_start_loc, prefill.max_query_len, 0.1)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuner times configs on a GPU; the interpreter runs a fixed one")
+@pytest.mark.parametrize("device,dtype", CUDA_CASES)
+def test_prefill_autotuned(device: str, dtype: torch.dtype) -> None:
+    """Without a forced config CUDA autotunes once per key, then launches the chosen config."""
+    import kernels.prefill_attention as prefill_mod
+
+    batch = make_batch(_prefill_requests(16), 8, 128, 16, dtype, device, seed=6)
+    for _ in range(2):
+        out = prefill_attention(
+            batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
+            batch.query_start_loc, batch.max_query_len, 0.1, out=poisoned_like(batch.query),
+        )
+        check_output(out, batch, 0.1)
+    assert set(prefill_mod.tuned_configs().values()) <= set(PREFILL_CONFIGS)
+    assert prefill_mod.tuned_configs()
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
 def test_other_head_dim(device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """head_dim 96 runs in a padded 128-wide tile, in both kernels."""
     _need_kernels(device)
@@ -303,7 +391,8 @@ def test_cpu_uses_reference_without_env(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.slow
 def test_kernels_compile_for_cuda_without_gpu() -> None:
-    """Triton's compiler (not the interpreter) accepts every launch configuration, down to sm_90 machine code."""
+    """Triton's compiler (not the interpreter) accepts every launch configuration and prefill tuning
+    config, down to sm_80 and sm_90 machine code, within each target's shared memory."""
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -311,7 +400,7 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "90"],
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "80", "90"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
