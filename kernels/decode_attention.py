@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_attention_args, check_batch_sizes, check_index, dot_dtype, next_power_of_2
-from kernels._launch import CHECKED, geometry_key, launch, tensor_key
+from kernels._checks import cdiv, next_power_of_2
+from kernels._launch import checked_geometry, launch, tensor_key
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
@@ -209,8 +209,8 @@ def _num_programs_wanted(device: torch.device) -> int:
 def _num_splits_wanted(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Split the context only as far as needed to fill the device; non-decreasing in max_seq_len and
     non-increasing in num_reqs * num_kv_heads, which `workspace_numel` relies on."""
-    max_splits = triton.cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
-    wanted = triton.cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
+    max_splits = cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
+    wanted = cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
     return max(1, min(wanted, max_splits, _MAX_SPLITS))
 
 
@@ -230,8 +230,8 @@ def split_plan(
     if num_splits is None:
         num_splits = _num_splits_wanted(num_reqs, num_kv_heads, max_seq_len, device)
     block_n = _block_n(head_dim)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
-    return tokens_per_split, triton.cdiv(max_seq_len, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    return tokens_per_split, cdiv(max_seq_len, tokens_per_split)
 
 
 def _partials_numel(num_reqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
@@ -289,44 +289,32 @@ def decode_attention(
     """
     if out is None:
         out = torch.empty_like(query)
-    key = geometry_key(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, workspace)
-    if key not in CHECKED:
-        check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
-        if workspace is not None:
-            check_index("workspace", workspace, torch.float32, 1, query.device)
-        CHECKED.add(key)
-    else:
-        check_batch_sizes(query, block_tables, seq_lens, query_start_loc, out)
-    _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    geo = checked_geometry(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, workspace)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or max_seq_len == 0:
         return out
 
+    num_heads, head_dim, num_kv_heads = geo.num_heads, geo.head_dim, geo.num_kv_heads
     tokens_per_split, num_splits = split_plan(num_reqs, num_kv_heads, head_dim, max_seq_len, query.device, num_splits)
     direct = num_splits == 1
     # Pass 1 writes `out` itself with one split: the partials pointer is then a placeholder.
     partials = out if direct else _partials(num_reqs, num_heads, head_dim, num_splits, workspace, query.device)
-    block_d = next_power_of_2(head_dim)
-    block_g = max(16, next_power_of_2(num_heads // num_kv_heads))
-    dot = dot_dtype(query.dtype, query.device)
+    group = num_heads // num_kv_heads
     launch(
-        _decode_attention_kernel, ("decode", key, direct, tensor_key(partials), dot), (num_reqs, num_kv_heads, num_splits),
+        _decode_attention_kernel, ("decode", geo.key, direct, tensor_key(partials)),
+        (num_reqs, num_kv_heads, num_splits),
         (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, partials,
-         scale * _LOG2E, num_heads // num_kv_heads, num_heads, tokens_per_split, num_splits,
-         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-         block_tables.stride(0),
-         block_g, head_dim, block_d, block_size, _block_n(head_dim), direct, dot),
+         scale * _LOG2E, group, num_heads, tokens_per_split, num_splits, *geo.strides,
+         max(16, next_power_of_2(group)), head_dim, geo.block_d, geo.block_size, _block_n(head_dim), direct,
+         geo.dot_dtype),
         num_warps=4,
     )
     if not direct:
         block_s = next_power_of_2(num_splits)
         launch(
-            _combine_splits_kernel, ("combine", key, block_s, tensor_key(partials)), (num_reqs, num_heads, 1),
+            _combine_splits_kernel, ("combine", geo.key, block_s, tensor_key(partials)), (num_reqs, num_heads, 1),
             (out, partials, seq_lens, query_start_loc, num_heads, tokens_per_split, num_splits,
-             out.stride(0), out.stride(1), block_s, head_dim, block_d),
+             out.stride(0), out.stride(1), block_s, head_dim, geo.block_d),
             num_warps=4,
         )
     return out

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_attention_args, check_batch_sizes, dot_dtype, next_power_of_2
-from kernels._launch import CHECKED, geometry_key, launch
+from kernels._checks import cdiv, next_power_of_2
+from kernels._launch import checked_geometry, launch
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
@@ -233,45 +233,35 @@ def prefill_attention(
     """
     if out is None:
         out = torch.empty_like(query)
-    key = geometry_key(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
-    if key not in CHECKED:
-        check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
-        CHECKED.add(key)
-    else:
-        check_batch_sizes(query, block_tables, seq_lens, query_start_loc, out)
-    _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    geo = checked_geometry(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or max_query_len == 0:
         return out
 
-    group = num_heads // num_kv_heads
+    group = geo.num_heads // geo.num_kv_heads
     block_g = next_power_of_2(group)
     bucket = len_bucket(max_query_len)
     args = (
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E, group,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0), bucket,
-        block_g, head_dim, next_power_of_2(head_dim), block_size, dot_dtype(query.dtype, query.device),
+        scale * _LOG2E, group, *geo.strides, bucket,
+        block_g, geo.head_dim, geo.block_d, geo.block_size, geo.dot_dtype,
     )
     if config is None and query.device.type != "cuda":
         config = INTERPRETER_CONFIG
     if config is None:
-        config = _tuned_configs.get((key, bucket))
+        config = _tuned_configs.get((geo.key, bucket))
     if config is None:
         # First call of this key: the autotuner times the configs on it (or reads its disk cache),
         # then launches the best one; later calls launch that one directly.
-        _prefill_attention_tuned[lambda meta: (triton.cdiv(max_query_len, meta["BLOCK_M"] // block_g), num_reqs,
-                                               num_kv_heads)](*args)
-        _tuned_configs[(key, bucket)] = _config_of(_prefill_attention_tuned.best_config)
+        _prefill_attention_tuned[lambda meta: (cdiv(max_query_len, meta["BLOCK_M"] // block_g), num_reqs,
+                                               geo.num_kv_heads)](*args)
+        _tuned_configs[(geo.key, bucket)] = _config_of(_prefill_attention_tuned.best_config)
         return out
-    assert config.fits(block_g, head_dim), f"{config} does not fit group {group} (padded {block_g}), head_dim {head_dim}"
+    assert config.fits(block_g, geo.head_dim), f"{config} does not fit group {group} (padded {block_g}), " \
+        f"head_dim {geo.head_dim}"
     launch(
-        _prefill_attention_kernel, ("prefill", key, config, args[-1]),
-        (triton.cdiv(max_query_len, config.block_m // block_g), num_reqs, num_kv_heads),
+        _prefill_attention_kernel, ("prefill", geo.key, config),
+        (cdiv(max_query_len, config.block_m // block_g), num_reqs, geo.num_kv_heads),
         args + (config.block_m, config.block_n), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

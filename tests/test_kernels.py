@@ -271,14 +271,11 @@ def test_cached_launches(device: str, dtype: torch.dtype, monkeypatch: pytest.Mo
     results; a new geometry is checked again, and the per-call request-count checks always run."""
     _need_kernels(device)
     import kernels._launch as launch_mod
-    import kernels.decode_attention as decode_mod
-    import kernels.prefill_attention as prefill_mod
 
     checked: list[str] = []
-    for mod in (decode_mod, prefill_mod):
-        real = mod.check_attention_args
-        monkeypatch.setattr(mod, "check_attention_args", lambda *a, _real=real: checked.append("check") or _real(*a))
-    launch_mod.CHECKED.clear()
+    real = launch_mod.check_attention_args
+    monkeypatch.setattr(launch_mod, "check_attention_args", lambda *a: checked.append("check") or real(*a))
+    launch_mod.GEOMETRIES.clear()
     decode = make_batch(_decode_requests(16), 4, 64, 16, dtype, device, seed=2)
     prefill = make_batch(_prefill_requests(16), 4, 64, 16, dtype, device, seed=2)
 
