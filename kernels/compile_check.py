@@ -32,6 +32,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+import kernels._launch as launch_mod
 import kernels.activation as activation_mod
 import kernels.decode_attention as decode_mod
 import kernels.kv_store as store_mod
@@ -51,15 +52,15 @@ _MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None]:
     """Make the wrappers believe they launch on CUDA, and record the launches."""
     saved = {
-        (decode_mod, "dot_dtype"): decode_mod.dot_dtype,
-        (prefill_mod, "dot_dtype"): prefill_mod.dot_dtype,
+        (launch_mod, "dot_dtype"): launch_mod.dot_dtype,
         (decode_mod, "_num_programs_wanted"): decode_mod._num_programs_wanted,
     }
     kernels = (store_mod._store_kv_kernel, decode_mod._decode_attention_kernel,
                decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel,
                rmsnorm_mod._rms_norm_kernel, rotary_mod._rotary_embedding_kernel,
                activation_mod._silu_and_mul_kernel)
-    decode_mod.dot_dtype = prefill_mod.dot_dtype = lambda dtype, device: saved[(decode_mod, "dot_dtype")](dtype, _CUDA)
+    launch_mod.dot_dtype = lambda dtype, device: saved[(launch_mod, "dot_dtype")](dtype, _CUDA)
+    launch_mod.GEOMETRIES.clear()  # their dot dtypes were the CPU's
     decode_mod._num_programs_wanted = lambda device: 4 * 132
     for kernel in kernels:
         kernel.run = lambda *args, _kernel=kernel, grid, warmup, **kwargs: launches.append((_kernel, args, kwargs))
@@ -70,6 +71,7 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
             setattr(module, name, value)
         for kernel in kernels:
             del kernel.run
+        launch_mod.GEOMETRIES.clear()
 
 
 def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
