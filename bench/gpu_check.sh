@@ -8,8 +8,9 @@
 #
 # Steps, in order, each under its own timeout; a failed step does not stop
 # the later ones, and the exit status is non-zero if any failed:
-#   1. CUDA tests: the attention kernels (tests/test_kernels.py and
-#      tests/test_decode_graph_safe.py, -k cuda), the fused layer kernels
+#   1. CUDA tests: the attention kernels (tests/test_kernels.py,
+#      tests/test_decode_graph_safe.py and tests/test_kernel_launches.py,
+#      -k cuda), the fused layer kernels
 #      (tests/test_layer_kernels.py -k cuda) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
 #      prepared model). A test file missing from this checkout is
@@ -109,7 +110,7 @@ else
 fi
 
 echo "== 1. CUDA tests ($mode)"
-test_step tests_kernels 200 tests/test_kernels.py tests/test_decode_graph_safe.py "${kernel_select[@]}"
+test_step tests_kernels 200 tests/test_kernels.py tests/test_decode_graph_safe.py tests/test_kernel_launches.py "${kernel_select[@]}"
 test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
 # All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.

@@ -45,7 +45,7 @@ else
 fi
 
 echo "== kernel tests ($mode)"
-timeout 240 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider "${test_args[@]}" 2>&1 \
+timeout 240 "$PY" -m pytest tests/test_kernels.py tests/test_kernel_launches.py -q -p no:cacheprovider "${test_args[@]}" 2>&1 \
     | tee "$out/kernel_tests.txt" || status=1
 
 echo "== kernel benchmark ($mode)"

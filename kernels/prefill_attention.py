@@ -8,8 +8,9 @@ position `seq_lens[r] - q_len(r) + j` and sees keys at positions <= its own.
 Decode rows (q_len 1) are just short requests here.
 
 Kernel invariants:
-- Grid is (cdiv(max_query_len, BLOCK_Q), num_reqs, num_kv_heads). Programs
-  whose first query token is past their request's q_len return at once.
+- Grid is (cdiv(max_query_len, BLOCK_Q), num_reqs, num_kv_heads), query
+  tiles in reverse order along dim 0 (the longest first). Programs whose
+  first query token is past their request's q_len return at once.
 - A program's tile has BLOCK_M = BLOCK_Q * BLOCK_G rows: BLOCK_Q query tokens
   times the (power-of-two padded) GQA group of query heads that share the KV
   head, row i being token i // BLOCK_G and head i % BLOCK_G of the group. The
@@ -115,7 +116,9 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // BLOCK_G
-    q_tile = tl.program_id(0)
+    # Last query tiles first: under the causal mask they see the most keys, so the longest programs
+    # start first and the short ones fill the tail of the grid.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     req = tl.program_id(1)
     kv_head = tl.program_id(2)
 

@@ -8,7 +8,8 @@ changes how Triton itself behaves in this process, and nothing else runs
 Triton kernels on a CPU-only machine. If Triton was already imported without
 it (another test file got there first), the CPU cases are skipped here and
 `test_interpreter_cases_in_subprocess` runs them in a fresh interpreter (with
-those of tests/test_decode_graph_safe.py, which builds on this file).
+those of tests/test_decode_graph_safe.py and tests/test_kernel_launches.py,
+which build on this file).
 
 With CUDA, the CUDA cases (bf16, fp16) run the compiled kernels; the CPU
 cases then need the subprocess (`-k cuda` selects only the former).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.kv_store import store_kv  # noqa: E402
-from kernels.prefill_attention import PREFILL_CONFIGS, PrefillConfig, prefill_attention  # noqa: E402
+from kernels.prefill_attention import prefill_attention  # noqa: E402
 
 INTERPRETER = kernels.interpreter_active()
 
@@ -252,90 +253,6 @@ def test_prefill_attention(device: str, dtype: torch.dtype, group: int, head_dim
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=str)
-def test_prefill_every_tuning_config(device: str, dtype: torch.dtype, config: PrefillConfig) -> None:
-    """Each config the autotuner may pick, on a group of 3 (padded to 4) and a long context:
-    whole unmasked key tiles, diagonal tiles and several query tiles per request."""
-    _need_kernels(device)
-    batch = make_batch(_prefill_requests(16) + [(40, 230)], 3, 64, 16, dtype, device, seed=9)
-    out = prefill_attention(
-        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
-        batch.query_start_loc, batch.max_query_len, 0.1, out=poisoned_like(batch.query), config=config,
-    )
-    check_output(out, batch, 0.1)
-
-
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_cached_launches(device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both attention wrappers check a geometry once, then launch through the cache with the same
-    results; a new geometry is checked again, and the per-call request-count checks always run."""
-    _need_kernels(device)
-    import kernels._launch as launch_mod
-
-    checked: list[str] = []
-    real = launch_mod.check_attention_args
-    monkeypatch.setattr(launch_mod, "check_attention_args", lambda *a: checked.append("check") or real(*a))
-    launch_mod.GEOMETRIES.clear()
-    decode = make_batch(_decode_requests(16), 4, 64, 16, dtype, device, seed=2)
-    prefill = make_batch(_prefill_requests(16), 4, 64, 16, dtype, device, seed=2)
-
-    def run_both(decode: PagedBatch, prefill: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        d = decode_attention(decode.query, decode.key_cache, decode.value_cache, decode.block_tables, decode.seq_lens,
-                             decode.query_start_loc, decode.max_seq_len, 0.1, out=poisoned_like(decode.query),
-                             num_splits=2)
-        p = prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
-                              prefill.seq_lens, prefill.query_start_loc, prefill.max_query_len, 0.1,
-                              out=poisoned_like(prefill.query))
-        return d, p
-
-    first = run_both(decode, prefill)
-    assert checked == ["check", "check"]
-    handles = dict(launch_mod.HANDLES)
-    second = run_both(decode, prefill)
-    assert checked == ["check", "check"], "a known geometry was checked again"
-    if device == "cuda":  # the second calls went through the compiled handles the first ones left
-        assert launch_mod.HANDLES == handles and handles
-    for a, b, batch in zip(first, second, (decode, prefill)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
-        check_output(b, batch, 0.1)
-
-    # Fewer requests, same geometry: not checked again, still right.
-    fewer = replace(decode, block_tables=decode.block_tables[:3], seq_lens=decode.seq_lens[:3],
-                    query_start_loc=decode.query_start_loc[:4], max_seq_len=37, num_tokens=3)
-    check_output(run_both(fewer, prefill)[0], fewer, 0.1)
-    assert len(checked) == 2
-    bad_args = decode.query, decode.key_cache, decode.value_cache
-    with pytest.raises(AssertionError, match="one row per request"):
-        decode_attention(*bad_args, decode.block_tables[:-1], decode.seq_lens, decode.query_start_loc, 150, 0.1)
-    with pytest.raises(AssertionError, match="num_reqs \\+ 1"):
-        prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
-                          prefill.seq_lens, prefill.query_start_loc[:-1], prefill.max_query_len, 0.1)
-    with pytest.raises(AssertionError, match="head_dim"):
-        decode_attention(decode.query[..., :32], *bad_args[1:], decode.block_tables, decode.seq_lens,
-                         decode.query_start_loc, 150, 0.1)
-    with pytest.raises(AssertionError, match="seq_lens must be torch.int32"):
-        prefill_attention(prefill.query, prefill.key_cache, prefill.value_cache, prefill.block_tables,
-                          prefill.seq_lens.long(), prefill.query_start_loc, prefill.max_query_len, 0.1)
-
-
-@pytest.mark.skipif(not CUDA, reason="the autotuner times configs on a GPU; the interpreter runs a fixed one")
-@pytest.mark.parametrize("device,dtype", CUDA_CASES)
-def test_prefill_autotuned(device: str, dtype: torch.dtype) -> None:
-    """Without a forced config CUDA autotunes once per key, then launches the chosen config."""
-    import kernels.prefill_attention as prefill_mod
-
-    batch = make_batch(_prefill_requests(16), 8, 128, 16, dtype, device, seed=6)
-    for _ in range(2):
-        out = prefill_attention(
-            batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
-            batch.query_start_loc, batch.max_query_len, 0.1, out=poisoned_like(batch.query),
-        )
-        check_output(out, batch, 0.1)
-    assert set(prefill_mod.tuned_configs().values()) <= set(PREFILL_CONFIGS)
-    assert prefill_mod.tuned_configs()
-
-
-@pytest.mark.parametrize("device,dtype", CASES)
 def test_other_head_dim(device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """head_dim 96 runs in a padded 128-wide tile, in both kernels."""
     _need_kernels(device)
@@ -403,8 +320,9 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
-# Reuses this file's helpers, so its interpreter cases need this fallback too.
-GRAPH_SAFE_TESTS = Path(__file__).with_name("test_decode_graph_safe.py")
+# They reuse this file's helpers, so their interpreter cases need this fallback too.
+DEPENDENT_TESTS = [str(Path(__file__).with_name(name)) for name in ("test_decode_graph_safe.py",
+                                                                    "test_kernel_launches.py")]
 
 
 @pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
@@ -412,7 +330,7 @@ def test_interpreter_cases_in_subprocess() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, str(GRAPH_SAFE_TESTS), "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, *DEPENDENT_TESTS, "-q", "-p", "no:cacheprovider"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
