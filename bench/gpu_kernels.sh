@@ -8,7 +8,7 @@
 #   bash bench/gpu_kernels.sh --cpu    # dry run here: CPU cases through the Triton interpreter
 #
 # Results go to $OUT if set, else bench/out/: kernel_tests.txt, kernels.json,
-# kernels.txt, env.txt. The exit status is non-zero if any step failed; the
+# kernels.md (the tables), kernels.txt, env.txt. The exit status is non-zero if any step failed; the
 # later steps run anyway, so one run gives all the numbers it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +40,12 @@ if [[ $mode == cuda ]]; then
     test_args=(-k cuda)
     bench_args=()
 else
-    test_args=(-k "cpu and (test_store_kv or 16-64-1 or 32-128-8 or dispatch)")
+    test_args=(-k "cpu and (test_store_kv or 16-64-1 or 32-128-8 or dispatch or cached_launches)")
     bench_args=(--cpu)
 fi
 
 echo "== kernel tests ($mode)"
-timeout 240 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider "${test_args[@]}" 2>&1 \
+timeout 240 "$PY" -m pytest tests/test_kernels.py tests/test_kernel_launches.py -q -p no:cacheprovider "${test_args[@]}" 2>&1 \
     | tee "$out/kernel_tests.txt" || status=1
 
 echo "== kernel benchmark ($mode)"

@@ -25,7 +25,7 @@ if "--cpu" in sys.argv:
 
 import torch  # noqa: E402
 
-from bench.kernels import bench, start, write_results  # noqa: E402
+from bench.kernels import device_ms, start, write_results  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.moe import fused_moe  # noqa: E402
 
@@ -44,8 +44,8 @@ def bench_moe(num_tokens: int, shape: dict, dtype: torch.dtype, device: str, cud
     logits = torch.randn(num_tokens, num_experts, generator=gen, device=device)
     weights, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
     args = (x, w13, w2, weights, ids)
-    kernel_ms = bench(lambda: fused_moe(*args), cuda)
-    loop_ms = bench(lambda: reference.fused_moe(*args), cuda)
+    kernel_ms = device_ms(lambda: fused_moe(*args), cuda, graph=False)
+    loop_ms = device_ms(lambda: reference.fused_moe(*args), cuda, graph=False)  # syncs: eager for both
     diff = (fused_moe(*args).float() - reference.fused_moe(*args).float()).abs().max().item()
     experts_hit = ids.unique().numel()
     expert_bytes = 3 * hidden * intermediate * w13.element_size()
@@ -56,14 +56,16 @@ def bench_moe(num_tokens: int, shape: dict, dtype: torch.dtype, device: str, cud
 
 
 def main() -> None:
-    args, cuda, device, dtype, shape, results = start(
-        __doc__.split("\n\n")[0], ("hidden", "intermediate", "num_experts", "top_k"), GPU_SHAPE, CPU_SHAPE)
+    args, cuda, device, dtype_names, shape, results = start(
+        __doc__.split("\n\n")[0], ("hidden", "intermediate", "num_experts", "top_k"), GPU_SHAPE, CPU_SHAPE,
+        "bfloat16")
     results["fused_moe"] = []
-    for num_tokens in shape["tokens"]:
+    for dtype, num_tokens in ((getattr(torch, name), n) for name in dtype_names for n in shape["tokens"]):
         r = bench_moe(num_tokens, shape, dtype, device, cuda)
+        r["dtype"] = str(dtype).removeprefix("torch.")
         r["kernel_fraction_of_copy"] = r["kernel_weight_GBps"] / results["copy_GBps"]
         results["fused_moe"].append(r)
-        print(f"fused_moe tokens={num_tokens:5d} experts_hit={r['experts_hit']:3d}: kernel {r['kernel_ms']:.4f} ms "
+        print(f"fused_moe {r['dtype']} tokens={num_tokens:5d} experts_hit={r['experts_hit']:3d}: kernel {r['kernel_ms']:.4f} ms "
               f"{r['kernel_weight_GBps']:6.0f} GB/s ({100 * r['kernel_fraction_of_copy']:.0f}% of copy) "
               f"{r['kernel_TFLOPs']:6.1f} TFLOP/s | torch loop {r['loop_ms']:.4f} ms | "
               f"{r['speedup']:.1f}x | max|diff| {r['max_abs_diff_vs_loop']:.1e}")

@@ -82,6 +82,19 @@ submodule binds it on the package, which would replace the `store_kv` function
 `python -m kernels.compile_check` compiles every launch configuration for a
 CUDA target without a GPU (the interpreter does not exercise Triton's compiler).
 
+Launch cost (the attention wrappers): a wrapper checks its arguments once
+per tensor geometry (shape past the leading dim, strides, dtype, device,
+pointer alignment) and only the leading-dim counts on every call; the first
+launch of a configuration goes through Triton's JIT and later ones call the
+`CompiledKernel` it returned (`kernels/_launch.py`). Prefill tile configs are
+autotuned on CUDA once per (head_dim, padded GQA group, dtypes, length bucket
+of `max_query_len`), in memory and in Triton's disk cache; the interpreter
+runs one fixed config, and the tests and the compile check run all of them.
+The decode split plan (`decode_attention.split_plan`) stays a function of
+(num_reqs, num_kv_heads, head_dim, max_seq_len, device): one split writes
+`out` in a single pass (short contexts, full batches), more add the combine
+pass, and a constant `max_seq_len` keeps the grid fixed for graph replay.
+
 Kernel invariants (the three attention kernels; the layer kernels state
 theirs in their modules):
 - Every `tl.load` is masked or in bounds by grid construction; -1 block ids and

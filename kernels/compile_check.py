@@ -32,6 +32,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+import kernels._launch as launch_mod
 import kernels.activation as activation_mod
 import kernels.decode_attention as decode_mod
 import kernels.kv_store as store_mod
@@ -39,20 +40,21 @@ import kernels.moe as moe_mod
 import kernels.prefill_attention as prefill_mod
 import kernels.rmsnorm as rmsnorm_mod
 import kernels.rotary as rotary_mod
+from kernels._checks import next_power_of_2
 
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
               torch.int64: "*i64"}
 _CUDA = torch.device("cuda")
+# Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
+_MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 @contextmanager
 def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None]:
     """Make the wrappers believe they launch on CUDA, and record the launches."""
     saved = {
-        (decode_mod, "dot_dtype"): decode_mod.dot_dtype,
-        (prefill_mod, "dot_dtype"): prefill_mod.dot_dtype,
+        (launch_mod, "dot_dtype"): launch_mod.dot_dtype,
         (decode_mod, "_num_programs_wanted"): decode_mod._num_programs_wanted,
-        (prefill_mod, "_tile_config"): prefill_mod._tile_config,
         (moe_mod, "dot_dtype"): moe_mod.dot_dtype,
         (moe_mod, "_tile_config"): moe_mod._tile_config,
     }
@@ -60,13 +62,12 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
                decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel,
                rmsnorm_mod._rms_norm_kernel, rotary_mod._rotary_embedding_kernel,
                activation_mod._silu_and_mul_kernel, moe_mod._moe_gate_up_kernel, moe_mod._moe_down_kernel)
-    decode_mod.dot_dtype = prefill_mod.dot_dtype = lambda dtype, device: saved[(decode_mod, "dot_dtype")](dtype, _CUDA)
+    launch_mod.dot_dtype = lambda dtype, device: saved[(launch_mod, "dot_dtype")](dtype, _CUDA)
+    launch_mod.GEOMETRIES.clear()  # their dot dtypes were the CPU's
     moe_mod.dot_dtype = lambda dtype, device: saved[(moe_mod, "dot_dtype")](dtype, _CUDA)
     moe_mod._tile_config = lambda num_pairs, num_experts, device: saved[(moe_mod, "_tile_config")](
         num_pairs, num_experts, _CUDA)
     decode_mod._num_programs_wanted = lambda device: 4 * 132
-    prefill_mod._tile_config = lambda group, head_dim, device: saved[(prefill_mod, "_tile_config")](
-        group, head_dim, _CUDA)
     for kernel in kernels:
         kernel.run = lambda *args, _kernel=kernel, grid, warmup, **kwargs: launches.append((_kernel, args, kwargs))
     try:
@@ -76,6 +77,7 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
             setattr(module, name, value)
         for kernel in kernels:
             del kernel.run
+        launch_mod.GEOMETRIES.clear()
 
 
 def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
@@ -101,14 +103,23 @@ def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
                 workspace = torch.zeros(numel) if graph else None
                 decode_mod.decode_attention(query, cache, cache, tables, seq_lens, start_loc, max_seq_len, 0.1,
                                             workspace=workspace)
-            query = torch.zeros(512, kv_heads * group, head_dim, dtype=dtype)
-            tables = torch.zeros(1, 64, dtype=torch.int32)
-            prefill_mod.prefill_attention(
-                query, cache, cache, tables, torch.tensor([1024], dtype=torch.int32),
-                torch.tensor([0, 512], dtype=torch.int32), 512, 0.1,
-            )
+            _launch_prefill_configs(cache, kv_heads * group, head_dim, dtype)
+        _launch_prefill_configs(torch.zeros(4, 16, 2, 256, dtype=torch.bfloat16), 8, 256, torch.bfloat16)
         _launch_layer_kernels()
         _launch_moe_kernels()
+
+
+def _launch_prefill_configs(cache: torch.Tensor, num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """Every tile config the autotuner may pick for this shape: it compiles them all on a real GPU."""
+    query = torch.zeros(512, num_heads, head_dim, dtype=dtype)
+    tables = torch.zeros(1, 64, dtype=torch.int32)
+    block_g = next_power_of_2(num_heads // cache.shape[2])
+    for config in prefill_mod.PREFILL_CONFIGS:
+        if config.fits(block_g, head_dim):
+            prefill_mod.prefill_attention(
+                query, cache, cache, tables, torch.tensor([1024], dtype=torch.int32),
+                torch.tensor([0, 512], dtype=torch.int32), 512, 0.1, config=config,
+            )
 
 
 def _launch_moe_kernels() -> None:
@@ -165,7 +176,7 @@ def _source(kernel: Any, args: tuple, kwargs: dict) -> tuple[Any, dict, str]:
             signature[name] = "fp32"
         else:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-            if value % 16 == 0:
+            if value % 16 == 0 and not kernel.params[i].do_not_specialize:  # as the launcher specialises
                 attrs[(i,)] = [["tt.divisibility", 16]]
     key = kernel.fn.__name__ + str(sorted((k, str(v)) for k, v in constexprs.items())) + str(options)
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), options, key
@@ -206,6 +217,11 @@ def main() -> int:
             except Exception as exc:  # report every failing configuration, not just the first
                 failures += 1
                 print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}")
+                continue
+            if compiled.metadata.shared > _MAX_SHARED[arch]:  # would fail to load on the device
+                failures += 1
+                print(f"FAIL {label}: {compiled.metadata.shared} bytes of shared memory, sm_{arch} has "
+                      f"{_MAX_SHARED[arch]}")
                 continue
             print(f"ok   {label} smem={compiled.metadata.shared} {_resource_usage(compiled.asm['cubin'])}")
     print(f"{len(seen) - failures} compiled, {failures} failed")

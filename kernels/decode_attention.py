@@ -42,10 +42,14 @@ Kernel invariants:
   pass 1 returns at once for splits past it and pass 2 reads only the splits
   below it, so an over-provisioned grid costs empty programs, not results.
 - Split partials live in one flat float32 buffer: part_acc, then part_max,
-  then part_sum, each contiguous. With `workspace` they are views of it
-  (the call allocates nothing, so a captured graph keeps their addresses);
-  without, one buffer is allocated per call. `workspace_numel` sizes a
-  workspace for every call up to given bounds.
+  then part_sum, each contiguous, at offsets the kernels derive from the grid
+  (no views are made). With `workspace` it is that buffer (the call
+  allocates nothing, so a captured graph keeps its addresses); without, one
+  buffer is allocated per call. `workspace_numel` sizes a workspace for
+  every call up to given bounds.
+- `tokens_per_split` and `num_splits` are not specialised on (they vary with
+  `max_seq_len`), so one compiled kernel serves every context length and the
+  launch cache of `kernels/_launch.py` may reuse it.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_attention_args, check_index, dot_dtype, next_power_of_2
+from kernels._checks import cdiv, next_power_of_2
+from kernels._launch import checked_geometry, launch, tensor_key
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
@@ -62,7 +67,7 @@ _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its par
 _MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens_per_split", "num_splits"])
 def _decode_attention_kernel(
     query_ptr,
     key_cache_ptr,
@@ -71,9 +76,7 @@ def _decode_attention_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     out_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    part_acc_ptr,
+    part_ptr,  # the flat partials buffer (unused with DIRECT_OUT)
     qk_scale,  # softmax scale * log2(e): the kernel uses exp2
     group,
     num_heads,
@@ -142,18 +145,17 @@ def _decode_attention_kernel(
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # Partials are contiguous [num_reqs, num_heads, num_splits(, head_dim)].
+        num_parts = tl.num_programs(0).to(tl.int64) * num_heads * num_splits
         part = (req.to(tl.int64) * num_heads + heads) * num_splits + split
-        tl.store(part_max_ptr + part, m_i, mask=g_mask)
-        tl.store(part_sum_ptr + part, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
+        tl.store(part_ptr + num_parts * HEAD_DIM + part, m_i, mask=g_mask)
+        tl.store(part_ptr + num_parts * (HEAD_DIM + 1) + part, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens_per_split", "num_splits"])
 def _combine_splits_kernel(
     out_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    part_acc_ptr,
+    part_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
     num_heads,
@@ -178,11 +180,12 @@ def _combine_splits_kernel(
     d = tl.arange(0, BLOCK_D)
     s_mask = (s < num_active) & (s < num_splits)
     d_mask = d < HEAD_DIM
+    num_parts = tl.num_programs(0).to(tl.int64) * num_heads * num_splits
     part = (req.to(tl.int64) * num_heads + head) * num_splits + s
-    m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf")).to(tl.float32)
-    l = tl.load(part_sum_ptr + part, mask=s_mask, other=0.0).to(tl.float32)
     acc_mask = s_mask[:, None] & d_mask[None, :]
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=acc_mask, other=0.0).to(tl.float32)
+    acc = tl.load(part_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=acc_mask, other=0.0)
+    m = tl.load(part_ptr + num_parts * HEAD_DIM + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ptr + num_parts * (HEAD_DIM + 1) + part, mask=s_mask, other=0.0)
 
     m_all = tl.max(m, axis=0)  # finite: split 0 always holds the request's own token
     w = tl.where(s_mask, tl.exp2(m - m_all), 0.0)
@@ -206,8 +209,8 @@ def _num_programs_wanted(device: torch.device) -> int:
 def _num_splits_wanted(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Split the context only as far as needed to fill the device; non-decreasing in max_seq_len and
     non-increasing in num_reqs * num_kv_heads, which `workspace_numel` relies on."""
-    max_splits = triton.cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
-    wanted = triton.cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
+    max_splits = cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
+    wanted = cdiv(_num_programs_wanted(device), num_reqs * num_kv_heads)
     return max(1, min(wanted, max_splits, _MAX_SPLITS))
 
 
@@ -227,8 +230,8 @@ def split_plan(
     if num_splits is None:
         num_splits = _num_splits_wanted(num_reqs, num_kv_heads, max_seq_len, device)
     block_n = _block_n(head_dim)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
-    return tokens_per_split, triton.cdiv(max_seq_len, tokens_per_split)
+    tokens_per_split = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    return tokens_per_split, cdiv(max_seq_len, tokens_per_split)
 
 
 def _partials_numel(num_reqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
@@ -249,26 +252,19 @@ def workspace_numel(max_num_reqs: int, num_heads: int, head_dim: int, max_seq_le
     )
 
 
-def _split_partials(
+def _partials(
     num_reqs: int, num_heads: int, head_dim: int, num_splits: int, workspace: torch.Tensor | None,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """part_acc, part_max, part_sum as views of `workspace`, or of a new buffer when it is None."""
+) -> torch.Tensor:
+    """The flat partials buffer of a call: `workspace` (its size checked), or a new buffer when it is None."""
     numel = _partials_numel(num_reqs, num_heads, head_dim, num_splits)
     if workspace is None:
-        workspace = torch.empty(numel, dtype=torch.float32, device=device)
-    else:
-        check_index("workspace", workspace, torch.float32, 1, device)
-        assert workspace.numel() >= numel, (
-            f"workspace has {workspace.numel()} elements, this call needs {numel} "
-            f"({num_reqs} requests x {num_heads} heads x {num_splits} splits x (head_dim {head_dim} + 2))"
-        )
-    n = num_reqs * num_heads * num_splits
-    # part_acc first: the workspace start is the best-aligned address, for its wide stores.
-    part_acc = workspace[: n * head_dim].view(num_reqs, num_heads, num_splits, head_dim)
-    part_max = workspace[n * head_dim : n * (head_dim + 1)].view(num_reqs, num_heads, num_splits)
-    part_sum = workspace[n * (head_dim + 1) : numel].view(num_reqs, num_heads, num_splits)
-    return part_acc, part_max, part_sum
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    assert workspace.numel() >= numel, (
+        f"workspace has {workspace.numel()} elements, this call needs {numel} "
+        f"({num_reqs} requests x {num_heads} heads x {num_splits} splits x (head_dim {head_dim} + 2))"
+    )
+    return workspace
 
 
 def decode_attention(
@@ -289,42 +285,36 @@ def decode_attention(
     `num_splits` overrides the split heuristic (tests use it to force pass 2).
     `workspace` (flat float32, sized by `workspace_numel` for heuristic calls)
     holds the split partials; with it and `out` given the call allocates nothing.
+    Checks run once per geometry and launches reuse the compiled kernels (`kernels/_launch.py`).
     """
-    out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
-    _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    if out is None:
+        out = torch.empty_like(query)
+    geo = checked_geometry(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, workspace)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or max_seq_len == 0:
         return out
 
-    group = num_heads // num_kv_heads
-    block_n = _block_n(head_dim)
+    num_heads, head_dim, num_kv_heads = geo.num_heads, geo.head_dim, geo.num_kv_heads
     tokens_per_split, num_splits = split_plan(num_reqs, num_kv_heads, head_dim, max_seq_len, query.device, num_splits)
-    if num_splits > 1:
-        part_acc, part_max, part_sum = _split_partials(
-            num_reqs, num_heads, head_dim, num_splits, workspace, query.device
-        )
-    else:
-        part_max = part_sum = part_acc = out  # unused: pass 1 writes `out` directly
-
-    block_d = next_power_of_2(head_dim)
-    _decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        part_max, part_sum, part_acc,
-        scale * _LOG2E, group, num_heads, tokens_per_split, num_splits,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0),
-        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, DIRECT_OUT=num_splits == 1, DOT_DTYPE=dot_dtype(query.dtype, query.device),
+    direct = num_splits == 1
+    # Pass 1 writes `out` itself with one split: the partials pointer is then a placeholder.
+    partials = out if direct else _partials(num_reqs, num_heads, head_dim, num_splits, workspace, query.device)
+    group = num_heads // num_kv_heads
+    launch(
+        _decode_attention_kernel, ("decode", geo.key, direct, tensor_key(partials)),
+        (num_reqs, num_kv_heads, num_splits),
+        (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, partials,
+         scale * _LOG2E, group, num_heads, tokens_per_split, num_splits, *geo.strides,
+         max(16, next_power_of_2(group)), head_dim, geo.block_d, geo.block_size, _block_n(head_dim), direct,
+         geo.dot_dtype),
         num_warps=4,
     )
-    if num_splits > 1:
-        _combine_splits_kernel[(num_reqs, num_heads)](
-            out, part_max, part_sum, part_acc, seq_lens, query_start_loc,
-            num_heads, tokens_per_split, num_splits, out.stride(0), out.stride(1),
-            BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+    if not direct:
+        block_s = next_power_of_2(num_splits)
+        launch(
+            _combine_splits_kernel, ("combine", geo.key, block_s, tensor_key(partials)), (num_reqs, num_heads, 1),
+            (out, partials, seq_lens, query_start_loc, num_heads, tokens_per_split, num_splits,
+             out.stride(0), out.stride(1), block_s, head_dim, geo.block_d),
             num_warps=4,
         )
     return out

@@ -8,8 +8,9 @@ position `seq_lens[r] - q_len(r) + j` and sees keys at positions <= its own.
 Decode rows (q_len 1) are just short requests here.
 
 Kernel invariants:
-- Grid is (cdiv(max_query_len, BLOCK_Q), num_reqs, num_kv_heads). Programs
-  whose first query token is past their request's q_len return at once.
+- Grid is (cdiv(max_query_len, BLOCK_Q), num_reqs, num_kv_heads), query
+  tiles in reverse order along dim 0 (the longest first). Programs whose
+  first query token is past their request's q_len return at once.
 - A program's tile has BLOCK_M = BLOCK_Q * BLOCK_G rows: BLOCK_Q query tokens
   times the (power-of-two padded) GQA group of query heads that share the KV
   head, row i being token i // BLOCK_G and head i % BLOCK_G of the group. The
@@ -18,6 +19,20 @@ Kernel invariants:
 - Pad rows (token past q_len, or head past the group) load zeros and are not
   stored. Every row, pad rows included, sees key position 0, so the running
   max is finite after the first tile and no exp is NaN.
+- Causal block skipping: key tiles wholly before the tile's first query
+  position are seen by every row and run without any mask; only the tiles
+  from there to the tile's last query position are masked; none after it run.
+- Softmax in exp2 (the scale times log2(e) is folded into `qk_scale`), with
+  the normalisation by the running sum delayed to the single division at
+  the end; the accumulator is only rescaled by exp2(old max - new max).
+- Tile shape (BLOCK_M, BLOCK_N) and launch options (num_warps, num_stages:
+  software pipelining of the K/V loads) come from `PREFILL_CONFIGS`. On CUDA,
+  `triton.autotune` picks one per (head_dim, BLOCK_G, dtypes, length bucket
+  of max_query_len) the first time that key is seen, keeps it in memory and
+  in Triton's on-disk cache (`cache_results`), and later calls launch the
+  chosen config's compiled kernel through `kernels/_launch.py`. The
+  interpreter runs `INTERPRETER_CONFIG`; tests and the compile check run
+  every config explicitly.
 - A chunk may start mid-block: keys are gathered per token (block id from
   `block_tables`, then the offset in the block), so no alignment between
   chunk, tile and cache block is assumed. Block ids of -1 are clamped to 0
@@ -30,17 +45,46 @@ Kernel invariants:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_attention_args, dot_dtype, next_power_of_2
+from kernels._checks import cdiv, next_power_of_2
+from kernels._launch import checked_geometry, launch
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    block_m: int  # tile rows: query tokens x padded GQA group
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+    def fits(self, block_g: int, head_dim: int) -> bool:
+        """The tile holds at least one token of the group, and wide heads keep the tile in registers."""
+        return self.block_m >= block_g and (head_dim <= 128 or self.block_m * self.block_n <= 64 * 32)
+
+
+# Ampere and Hopper: 128-row tiles with 8 warps feed the tensor cores; 2-3 stages overlap the K/V
+# gathers with the dots. The last config is the one for head_dim > 128.
+# The compile check shows them spilling at most 8 bytes of registers on sm_80 and none on sm_90
+# (4 warps at 128 rows, or at 64 rows with 3 stages or head_dim 256, spill up to 56 bytes).
+PREFILL_CONFIGS = (
+    PrefillConfig(128, 64, 8, 2),
+    PrefillConfig(128, 64, 8, 3),
+    PrefillConfig(128, 32, 8, 3),
+    PrefillConfig(64, 64, 4, 2),
+    PrefillConfig(64, 32, 8, 2),
+)
+INTERPRETER_CONFIG = PrefillConfig(64, 64, 4, 1)  # the interpreter is fastest with few, mid-size tiles
+
+
+@triton.jit(do_not_specialize=["len_bucket"])
 def _prefill_attention_kernel(
     query_ptr,
     key_cache_ptr,
@@ -62,15 +106,19 @@ def _prefill_attention_kernel(
     stride_vc_off,
     stride_vc_head,
     stride_bt_req,
-    BLOCK_Q: tl.constexpr,
+    len_bucket,  # unused by the code: a key of the autotuner
     BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,  # constexpr: a runtime bound on d would stop vectorised loads
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % are shifts
     DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the tuned parameters come last: the autotuner passes them by name
+    BLOCK_N: tl.constexpr,
 ):
-    q_tile = tl.program_id(0)
+    BLOCK_Q: tl.constexpr = BLOCK_M // BLOCK_G
+    # Last query tiles first: under the causal mask they see the most keys, so the longest programs
+    # start first and the short ones fill the tail of the grid.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     req = tl.program_id(1)
     kv_head = tl.program_id(2)
 
@@ -83,7 +131,7 @@ def _prefill_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len  # keys before this chunk
 
-    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    rows = tl.arange(0, BLOCK_M)
     tok = tile_start + rows // BLOCK_G
     g = rows % BLOCK_G
     row_mask = (tok < q_len) & (g < group)
@@ -97,13 +145,25 @@ def _prefill_attention_kernel(
     q_ptrs = query_ptr + (q_rows * stride_q_tok + heads * stride_q_head)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(DOT_DTYPE)
 
-    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt_req
-    # The tile's last query token decides how far keys are needed (causal).
+    # Keys before the tile's first query position are visible to every row: whole tiles of them
+    # need no mask. The tile's last query token decides how far keys are needed at all.
+    unmasked_end = (context_len + tile_start) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, context_len + tile_start + BLOCK_Q)
-    for start in range(0, kv_end, BLOCK_N):
+    all_keys = tl.full([BLOCK_N], 1, tl.int1)
+    for start in range(0, unmasked_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        k, v = load_kv_tile(
+            key_cache_ptr, value_cache_ptr, bt_row, pos, all_keys, d, d_mask, kv_head,
+            stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
+            BLOCK_SIZE, DOT_DTYPE,
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
+    for start in range(unmasked_end, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_mask = pos < kv_end
         k, v = load_kv_tile(
@@ -111,8 +171,7 @@ def _prefill_attention_kernel(
             stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
             BLOCK_SIZE, DOT_DTYPE,
         )
-
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
@@ -122,16 +181,40 @@ def _prefill_attention_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def _tile_config(group: int, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_G, BLOCK_N, num_warps)."""
-    block_g = next_power_of_2(group)
-    rows = 128 if device.type == "cuda" else 64  # the interpreter is fastest with few, mid-size tiles
-    block_q = max(1, rows // block_g)
-    if block_q * block_g < 16:  # unreachable for rows >= 16, kept for tl.dot's minimum
-        block_q = 16 // block_g
-    block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if block_q * block_g >= 128 else 4  # 4 warps at 128 rows come close to 255 registers
-    return block_q, block_g, block_n, num_warps
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = named_args | kwargs
+    return [c for c in configs if _config_of(c).fits(args["BLOCK_G"], args["HEAD_DIM"])]
+
+
+def _config_of(config: triton.Config) -> PrefillConfig:
+    return PrefillConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+# A short timing per config (the tile choice is clear-cut), once per key per machine with cache_results.
+_prefill_attention_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                           num_stages=c.num_stages) for c in PREFILL_CONFIGS],
+    key=["HEAD_DIM", "BLOCK_G", "len_bucket"],  # and, added by the autotuner, every tensor's dtype
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+    cache_results=True,
+)(_prefill_attention_kernel)
+
+# (geometry key, length bucket) -> the config the autotuner chose for it
+_tuned_configs: dict[tuple, PrefillConfig] = {}
+
+
+def len_bucket(max_query_len: int) -> int:
+    """Length bucket of the autotuning key: mostly-decode batches, mid-size chunks, long prompts."""
+    for bucket in (64, 512):
+        if max_query_len <= bucket:
+            return bucket
+    return 4096
+
+
+def tuned_configs() -> dict[tuple, PrefillConfig]:
+    """The autotuner's choices so far: (head_dim, BLOCK_G, length bucket, dtypes...) -> config."""
+    return {tuple(key): _config_of(config) for key, config in _prefill_attention_tuned.cache.items()}
 
 
 def prefill_attention(
@@ -144,27 +227,44 @@ def prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each request's new tokens over its paged context."""
-    out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
-    _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    """Causal attention of each request's new tokens over its paged context.
+
+    `config` forces a tile config (tests and the compile check go through each);
+    by default CUDA autotunes and the interpreter runs `INTERPRETER_CONFIG`.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    geo = checked_geometry(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or max_query_len == 0:
         return out
 
-    group = num_heads // num_kv_heads
-    block_q, block_g, block_n, num_warps = _tile_config(group, head_dim, query.device)
-    grid = (triton.cdiv(max_query_len, block_q), num_reqs, num_kv_heads)
-    _prefill_attention_kernel[grid](
+    group = geo.num_heads // geo.num_kv_heads
+    block_g = next_power_of_2(group)
+    bucket = len_bucket(max_query_len)
+    args = (
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * _LOG2E, group,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0),
-        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, DOT_DTYPE=dot_dtype(query.dtype, query.device),
-        num_warps=num_warps,
+        scale * _LOG2E, group, *geo.strides, bucket,
+        block_g, geo.head_dim, geo.block_d, geo.block_size, geo.dot_dtype,
+    )
+    if config is None and query.device.type != "cuda":
+        config = INTERPRETER_CONFIG
+    if config is None:
+        config = _tuned_configs.get((geo.key, bucket))
+    if config is None:
+        # First call of this key: the autotuner times the configs on it (or reads its disk cache),
+        # then launches the best one; later calls launch that one directly.
+        _prefill_attention_tuned[lambda meta: (cdiv(max_query_len, meta["BLOCK_M"] // block_g), num_reqs,
+                                               geo.num_kv_heads)](*args)
+        _tuned_configs[(geo.key, bucket)] = _config_of(_prefill_attention_tuned.best_config)
+        return out
+    assert config.fits(block_g, geo.head_dim), f"{config} does not fit group {group} (padded {block_g}), " \
+        f"head_dim {geo.head_dim}"
+    launch(
+        _prefill_attention_kernel, ("prefill", geo.key, config),
+        (cdiv(max_query_len, config.block_m // block_g), num_reqs, geo.num_kv_heads),
+        args + (config.block_m, config.block_n), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

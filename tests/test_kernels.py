@@ -8,7 +8,8 @@ changes how Triton itself behaves in this process, and nothing else runs
 Triton kernels on a CPU-only machine. If Triton was already imported without
 it (another test file got there first), the CPU cases are skipped here and
 `test_interpreter_cases_in_subprocess` runs them in a fresh interpreter (with
-those of tests/test_decode_graph_safe.py, which builds on this file).
+those of tests/test_decode_graph_safe.py and tests/test_kernel_launches.py,
+which build on this file).
 
 With CUDA, the CUDA cases (bf16, fp16) run the compiled kernels; the CPU
 cases then need the subprocess (`-k cuda` selects only the former).
@@ -69,9 +70,10 @@ def _interpreter_takes_loaded_loop_bounds() -> bool:
 
 INTERPRETER_WORKS = INTERPRETER and _interpreter_takes_loaded_loop_bounds()
 
+CUDA_CASES = [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
 CASES = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
 if CUDA:
-    CASES += [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
+    CASES += CUDA_CASES
 
 # (atol, rtol) against a float32 reference computed from the same rounded inputs.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -303,7 +305,8 @@ def test_cpu_uses_reference_without_env(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.slow
 def test_kernels_compile_for_cuda_without_gpu() -> None:
-    """Triton's compiler (not the interpreter) accepts every launch configuration, down to sm_90 machine code."""
+    """Triton's compiler (not the interpreter) accepts every launch configuration and prefill tuning
+    config, down to sm_80 and sm_90 machine code, within each target's shared memory."""
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
@@ -311,14 +314,15 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "90"],
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "80", "90"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
-# Reuses this file's helpers, so its interpreter cases need this fallback too.
-GRAPH_SAFE_TESTS = Path(__file__).with_name("test_decode_graph_safe.py")
+# They reuse this file's helpers, so their interpreter cases need this fallback too.
+DEPENDENT_TESTS = [str(Path(__file__).with_name(name)) for name in ("test_decode_graph_safe.py",
+                                                                    "test_kernel_launches.py")]
 
 
 @pytest.mark.skipif(INTERPRETER and not CUDA, reason="the interpreter cases ran in this process")
@@ -326,7 +330,7 @@ def test_interpreter_cases_in_subprocess() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, str(GRAPH_SAFE_TESTS), "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, *DEPENDENT_TESTS, "-q", "-p", "no:cacheprovider"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
