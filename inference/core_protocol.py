@@ -33,6 +33,9 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     prompt_tokens_computed: int
+    # Per tensor-parallel rank, by rank: weights + KV cache on the CPU, all
+    # that rank allocated on CUDA; one entry without tensor parallelism.
+    rank_memory_bytes: list[int] = field(default_factory=list)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -76,3 +76,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any."""
+        self.core.shutdown()

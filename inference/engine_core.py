@@ -135,4 +135,9 @@ class EngineCore:
             prefix_cache_queries=self.scheduler.stats.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.stats.prefix_cache_hits,
             prompt_tokens_computed=self.scheduler.stats.prompt_tokens_computed,
+            rank_memory_bytes=self.runner.rank_memory_bytes,
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any; the core is unusable after."""
+        self.runner.shutdown()

@@ -84,3 +84,7 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (they also exit with this process)."""
+        self.engine.shutdown()
