@@ -73,7 +73,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.workers = None
         if config.tensor_parallel_size > 1 and rank == 0:
-            from inference.parallel.workers import TensorParallelWorkers
+            from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
 
             self.workers = TensorParallelWorkers(config)
         try:
@@ -81,7 +81,8 @@ class ModelRunner:
         except BaseException as exc:
             if self.workers is None:
                 raise
-            failure = self.workers.failure  # a rank's own error says more than the collective's
+            # A rank's own error says more than the collective that failed after it.
+            failure = self.workers.wait_failure(FAILURE_REPORT_S)
             self.workers.stop()
             if failure is None:
                 raise

@@ -22,6 +22,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", default=None,
         help="no CUDA graphs: run every decode step eagerly (the CPU always does)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split the model across this many processes (one GPU each on CUDA)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -39,6 +43,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -39,6 +39,7 @@ from inference.parallel.worker_main import run_worker
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # how long a rank may take to stop before it is killed
+FAILURE_REPORT_S = 2.0  # how long a failed start-up waits to hear which rank died and why
 _WATCH_POLL_S = 0.5  # how often the watcher looks whether it should stop watching
 
 _exit_on_rank_failure = False
@@ -58,6 +59,7 @@ class TensorParallelWorkers:
         self._dir = tempfile.mkdtemp(prefix="pagedinfer-tp-")
         init_file = os.path.join(self._dir, "rendezvous")
         self.failure: str | None = None
+        self._failed = threading.Event()
         self._stopping = False
         self._steps: list[Connection] = []
         self._errors: list[Connection] = []
@@ -81,12 +83,19 @@ class TensorParallelWorkers:
         try:
             group.init_group(0, size, init_file, config.device)
         except Exception as exc:
+            failure = self.wait_failure(FAILURE_REPORT_S)
             self.stop()
-            raise RuntimeError(self.failure or f"tensor-parallel start-up failed: {exc!r}") from exc
+            raise RuntimeError(failure or f"tensor-parallel start-up failed: {exc!r}") from exc
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
+
+    def wait_failure(self, timeout: float) -> str | None:
+        """Why a rank died, waiting up to `timeout` for the watcher to tell:
+        a collective can fail a moment before the watcher sees the exit."""
+        self._failed.wait(timeout)
+        return self.failure
 
     def send(self, message: bytes) -> None:
         """Hand one step to every other rank."""
@@ -129,6 +138,7 @@ class TensorParallelWorkers:
             error = errors.recv() if errors.poll() else "no error reported"
             self.failure = f"tensor-parallel rank {rank} exited with code {process.exitcode}: {error}"
             logger.error("%s", self.failure)
+            self._failed.set()
             for other in self.processes:
                 if other.is_alive():
                     other.kill()
