@@ -135,7 +135,10 @@ class TensorParallelWorkers:
             rank = sentinels[ready[0]]
             process, errors = self.processes[rank - 1], self._errors[rank - 1]
             process.join()
-            error = errors.recv() if errors.poll() else "no error reported"
+            try:
+                error = errors.recv()
+            except (EOFError, OSError):  # killed before it could say anything
+                error = "no error reported"
             self.failure = f"tensor-parallel rank {rank} exited with code {process.exitcode}: {error}"
             logger.error("%s", self.failure)
             self._failed.set()
