@@ -2,20 +2,21 @@
 
 TP=2 gives the same greedy tokens as TP=1 on the tiny Llama, Qwen2 (one KV
 head: replicated, not split) and Qwen3 models, and every logits row computed
-agrees to 1e-4 (the all-reduces sum in another order). SmolLM2 split three
-ways (9 query heads, 3 KV heads) gives TP=1's tokens on 8 prompts. A rank
-that cannot load its shard fails the start-up with its rank and error, and
-leaves no process behind. Each rank uses one torch thread.
+agrees to 1e-4 (the all-reduces sum in another order), with two samples of
+one prompt (copy-on-write block copies) and prompt logprobs in the mix.
+SmolLM2 split three ways (9 query heads, 3 KV heads) gives TP=1's tokens on
+8 prompts. A rank that cannot load its shard fails the start-up with its
+rank and error, and leaves no process behind. Each rank uses one torch thread.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from server_fixtures import spawned_children
 
 from inference import LLM, SamplingParams
 from inference.parallel.layers import shard_heads
@@ -39,7 +40,7 @@ def one_thread():
 
 
 def _run(folder, prompts, max_tokens: int, tensor_parallel_size: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy tokens of each prompt, and every logits tensor rank 0 computed."""
+    """Greedy tokens of each sample, and every logits tensor rank 0 computed."""
     llm = LLM(str(folder), max_model_len=256, num_kv_blocks=96, tensor_parallel_size=tensor_parallel_size)
     model = llm.engine.runner.model
     logits: list[torch.Tensor] = []
@@ -52,11 +53,17 @@ def _run(folder, prompts, max_tokens: int, tensor_parallel_size: int) -> tuple[l
 
     model.compute_logits = recording
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        # Two samples of the first prompt share its blocks until they copy
+        # one; prompt logprobs add logits rows of their own.
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, n=2 if i == 0 else 1,
+                           prompt_logprobs=1)
+            for i in range(len(prompts))
+        ]
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
-    return [o.outputs[0].token_ids for o in outputs], logits
+    return [[c.token_ids for c in o.outputs] for o in outputs], logits
 
 
 def test_head_sharding_splits_or_replicates_kv_heads():
@@ -95,15 +102,8 @@ def test_rank_that_cannot_load_names_itself_and_leaves_nothing(tiny_llama_dir, t
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         tensors[name] = tensors[name][:300].contiguous()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    children_before = set(_children())
+    children_before = set(spawned_children(os.getpid()))
     failure = r"tensor-parallel rank 1 exited with code 1: ValueError\(.*shape \(108, 64\)"
     with pytest.raises(RuntimeError, match=failure):
         LLM(str(tmp_path), max_model_len=256, num_kv_blocks=16, tensor_parallel_size=2)
-    assert set(_children()) <= children_before
-
-
-def _children() -> list[int]:
-    """This process's spawned children (not multiprocessing's resource tracker)."""
-    pid = os.getpid()
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert set(spawned_children(os.getpid())) <= children_before

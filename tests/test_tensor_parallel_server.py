@@ -10,16 +10,14 @@ Neither leaves a process behind: not the core, not a rank.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_fixtures import sse_events, start_server
+from server_fixtures import kill_mid_stream, spawned_children, sse_events, start_server, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +48,11 @@ def server(model_dir):
     server.stop()
 
 
-def _children(pid: int) -> list[int]:
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def _core_and_ranks(server) -> tuple[int, list[int]]:
-    [core_pid] = _children(server.process.pid)
-    ranks = _children(core_pid)
+    [core_pid] = spawned_children(server.process.pid)
+    ranks = spawned_children(core_pid)
     assert len(ranks) == 1, ranks
     return core_pid, ranks
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{pid}").exists() for pid in pids):
-        assert time.monotonic() < deadline, f"left behind: {[p for p in pids if Path(f'/proc/{p}').exists()]}"
-        time.sleep(0.05)
 
 
 def test_openai_client_completions_chat_and_streaming(server, model_dir):
@@ -93,28 +79,10 @@ def test_killed_rank_gives_503_within_5s_and_leaves_nothing(model_dir):
     try:
         core_pid, ranks = _core_and_ranks(server)
 
-        async def run() -> tuple[list[dict], float]:
-            async with server.async_client() as client:
-                body = {"prompt": "Write a long story:", "max_tokens": 200, "ignore_eos": True, "stream": True}
-                async with client.stream("POST", C, json=body) as response:
-                    assert response.status_code == 200
-                    lines = []
-                    async for line in response.aiter_lines():
-                        lines.append(line)
-                        if len(lines) == 1:
-                            os.kill(ranks[0], signal.SIGKILL)
-                            killed = time.monotonic()
-                health = await client.get("/health")
-                while health.status_code != 503:
-                    assert time.monotonic() - killed < 5.0, "/health still 200 5 s after a rank died"
-                    await asyncio.sleep(0.05)
-                    health = await client.get("/health")
-                return sse_events(lines), time.monotonic() - killed
-
-        events, waited = asyncio.run(run())
+        events, waited = asyncio.run(kill_mid_stream(server, ranks[0], max_wait_s=5.0))
         assert "error" in events[-1] and "Generation failed" in events[-1]["error"]["message"]
         assert waited < 5.0
-        _wait_gone([core_pid, *ranks], timeout=5)
+        wait_gone([core_pid, *ranks], timeout=5)
         assert "tensor-parallel rank 1 exited with code -9" in server.log_tail(20000)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=20) == 0, server.log_tail()
@@ -148,4 +116,4 @@ def test_sigterm_drains_and_exits_0_leaving_nothing(server):
     assert server.process.wait(timeout=40) == 0, server.log_tail()
     text = "".join(e["choices"][0]["text"] for e in result["events"] if e.get("choices"))
     assert result["events"][-1]["choices"][0]["finish_reason"] == "length" and text
-    _wait_gone([core_pid, *ranks], timeout=5)
+    wait_gone([core_pid, *ranks], timeout=5)
