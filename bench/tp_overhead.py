@@ -129,7 +129,8 @@ def time_steps(model: str, tensor_parallel_size: int, num_threads: int) -> tuple
         return wrapper
 
     originals = group.all_reduce, group.gather_vocab
-    group.all_reduce, group.gather_vocab = timed(group.all_reduce, "collectives"), timed(group.gather_vocab, "collectives")
+    group.all_reduce = timed(group.all_reduce, "collectives")
+    group.gather_vocab = timed(group.gather_vocab, "collectives")
     llm = LLM(model, max_model_len=256, max_num_seqs=BATCH, num_kv_blocks=BATCH * 16 + 16,
               tensor_parallel_size=tensor_parallel_size)
     messages: list[bytes] = []
@@ -154,7 +155,8 @@ def time_steps(model: str, tensor_parallel_size: int, num_threads: int) -> tuple
         llm.shutdown()
         group.all_reduce, group.gather_vocab = originals
     columns = zip(*rows[2:])  # the first decode steps warm up
-    result = {name: statistics.median(col) * 1e3 for name, col in zip(("step_ms", "collectives_ms", "send_ms"), columns)}
+    names = ("step_ms", "collectives_ms", "send_ms")
+    result = {name: statistics.median(col) * 1e3 for name, col in zip(names, columns)}
     return result, messages[len(messages) // 2] if messages else b""
 
 

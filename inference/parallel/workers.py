@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -80,6 +81,9 @@ class TensorParallelWorkers:
             self.processes.append(process)
         self._watcher = threading.Thread(target=self._watch, name="tp-rank-watcher", daemon=True)
         self._watcher.start()
+        # Before multiprocessing's own exit hook, which would SIGTERM the
+        # ranks (they ignore it) and then wait for them forever.
+        atexit.register(self.stop)
         try:
             group.init_group(0, size, init_file, config.device)
         except Exception as exc:
@@ -109,7 +113,10 @@ class TensorParallelWorkers:
 
     def stop(self) -> None:
         """End every rank (an empty message asks; a kill follows after STOP_TIMEOUT_S) and leave the group."""
+        if self._stopping:
+            return
         self._stopping = True
+        atexit.unregister(self.stop)
         for conn in self._steps:
             try:
                 conn.send_bytes(b"")
