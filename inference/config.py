@@ -98,7 +98,8 @@ class EngineConfig:
             check_tensor_parallel(hf_config, tensor_parallel_size)
             # Decode graphs would capture NCCL collectives, which every rank
             # would have to capture and replay in lockstep: not done.
-            enforce_eager = enforce_eager if not on_gpu else True
+            if on_gpu:
+                enforce_eager = True
         if enforce_eager is None:
             enforce_eager = not on_gpu
         max_num_seqs = max_num_seqs or (256 if on_gpu else 64)
