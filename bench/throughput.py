@@ -87,6 +87,7 @@ def run_pagedinfer(
         sum(len(o.prompt_token_ids) for o in outputs),
         sum(len(o.outputs[0].token_ids) for o in outputs),
     )
+    llm.shutdown()
     del llm, outputs
     _release_memory()
     return result
@@ -144,7 +145,8 @@ def run_transformers(
 
 
 def engine_args_from(args: argparse.Namespace) -> dict:
-    names = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "max_model_len")
+    names = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "max_model_len",
+             "tensor_parallel_size")
     engine_args = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if not args.prefix_caching:
         engine_args["enable_prefix_caching"] = False
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
     parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=None)
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one short untimed request per backend first")

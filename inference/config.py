@@ -44,6 +44,9 @@ class EngineConfig:
     # and True on the CPU unless told.
     enforce_eager: bool = False
     load_format: str = "safetensors"  # one of LOAD_FORMATS
+    # Ranks the model is split across (inference/parallel/): one process and,
+    # on CUDA, one GPU each. kv_cache_memory is then per rank.
+    tensor_parallel_size: int = 1
 
     @classmethod
     def create(
@@ -61,6 +64,7 @@ class EngineConfig:
         enable_prefix_caching: bool = True,
         enforce_eager: bool | None = None,
         load_format: str = "safetensors",
+        tensor_parallel_size: int = 1,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -89,6 +93,20 @@ class EngineConfig:
         elif not 1 <= max_model_len <= model_max:
             raise ValueError(f"max_model_len must be in [1, {model_max}], got {max_model_len}")
         on_gpu = device == "cuda"
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if on_gpu and tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} visible"
+            )
+        if tensor_parallel_size > 1:
+            from inference.parallel.layers import check_tensor_parallel
+
+            check_tensor_parallel(hf_config, tensor_parallel_size)
+            # Decode graphs would capture NCCL collectives, which every rank
+            # would have to capture and replay in lockstep: not done.
+            if on_gpu:
+                enforce_eager = True
         if enforce_eager is None:
             enforce_eager = not on_gpu
         max_num_seqs = max_num_seqs or (256 if on_gpu else 64)
@@ -117,6 +135,7 @@ class EngineConfig:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
             load_format=load_format,
+            tensor_parallel_size=tensor_parallel_size,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -14,11 +14,16 @@ SIGINT and SIGTERM (Ctrl+C or a service manager reach the whole process
 group, and the front end must drain first; it sends `Shutdown` when done)
 and exits by itself when its parent dies, so it is never left behind
 holding the accelerator.
+
+With tensor parallelism the core is rank 0 and starts the other ranks
+(`inference/parallel/workers.py`); it stops them when it exits, and a rank
+that dies ends this process at once, which the front end sees as a dead core.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -63,6 +68,14 @@ def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, 
     outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
     outputs.connect(output_address)
     codec = Codec(CORE_OUTPUTS)
+    # The front end starts this process as a daemon, and the stdlib refuses
+    # children to daemons; the tensor-parallel ranks this process starts are
+    # its own to stop (and watch it themselves).
+    multiprocessing.current_process().daemon = False
+    from inference.parallel.workers import exit_on_rank_failure
+
+    exit_on_rank_failure()
+    core = None
     try:
         core = core_factory()
         outputs.send(codec.encode(CoreReady(core.config, core.vocab_size, core.stats())))
@@ -72,6 +85,8 @@ def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, 
         outputs.send(codec.encode(CoreFailed(repr(exc))))
         raise SystemExit(1) from exc
     finally:
+        if core is not None:
+            core.shutdown()
         inputs.close(linger=0)
         outputs.close()
         context.term()

@@ -37,6 +37,9 @@ class EngineStats:
     # not just the active ones) and the KV cache, scratch block included.
     weight_bytes: int = 0
     kv_cache_bytes: int = 0
+    # Per tensor-parallel rank, by rank: weights + KV cache on the CPU, all
+    # that rank allocated on CUDA; one entry without tensor parallelism.
+    rank_memory_bytes: list[int] = field(default_factory=list)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -79,3 +79,6 @@ class LLMEngine:
 
     def kv_snapshot(self) -> KVSnapshot:
         return self.core.kv_snapshot()
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any."""
+        self.core.shutdown()

@@ -140,8 +140,13 @@ class EngineCore:
             prompt_tokens_computed=self.scheduler.stats.prompt_tokens_computed,
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
+            rank_memory_bytes=self.runner.rank_memory_bytes,
         )
 
     def kv_snapshot(self) -> KVSnapshot:
         """The KV cache's blocks and their holders; call it between steps."""
         return take_kv_snapshot(self.block_manager, self.scheduler.requests.values(), self.stats())
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any; the core is unusable after."""
+        self.runner.shutdown()

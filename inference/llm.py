@@ -90,3 +90,6 @@ class LLM:
         """Every KV block's state; `inference.kv_snapshot.kv_snapshot_json` gives
         the JSON the server's /debug/kv answers with."""
         return self.engine.kv_snapshot()
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (they also exit with this process)."""
+        self.engine.shutdown()

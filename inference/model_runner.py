@@ -12,6 +12,13 @@ the LM head runs only on the rows that sample.
 The KV cache holds `num_blocks` blocks for the block manager plus one scratch
 block (id `num_blocks`) that padding rows write to and read; no request ever
 owns it.
+
+With `tensor_parallel_size` N > 1 the runner of rank 0 starts the other
+ranks (`inference.parallel.workers`), each with a runner of its own over its
+shard of the model and its heads' KV cache; every rank has the same block
+count (the smallest budget wins) and so the same block tables. Each step,
+rank 0 prepares the batch, sends it (`StepPlan`), and every rank runs
+`run_step`; rank 0 alone samples.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs
 from inference.models import load_model
+from inference.parallel import group
+from inference.parallel.layers import shard_heads
+from inference.parallel.step_message import StepPlan, encode_step
 from inference.sampler import LogprobEntry, Sampler, SamplerOutput, SamplingRow, gather_logprobs
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
@@ -43,19 +53,43 @@ class RunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = field(default_factory=dict)
 
 
-def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes of one KV block on one rank."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    num_kv_heads = shard_heads(num_heads, num_kv_heads, 0, tensor_parallel_size).num_kv_heads
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config) -> None:
+    def __init__(self, config: EngineConfig, hf_config, rank: int = 0) -> None:
+        """Rank 0's runner starts the other ranks; a rank > 0 is built in its
+        worker process, which has joined the group already."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
+        self.workers = None
+        if config.tensor_parallel_size > 1 and rank == 0:
+            from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
+
+            self.workers = TensorParallelWorkers(config)
+        try:
+            self._load(hf_config)
+        except BaseException as exc:
+            if self.workers is None:
+                raise
+            # A rank's own error says more than the collective that failed after it.
+            failure = self.workers.wait_failure(FAILURE_REPORT_S)
+            self.workers.stop()
+            if failure is None:
+                raise
+            raise RuntimeError(failure) from exc
+
+    def _load(self, hf_config) -> None:
+        config = self.config
         self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(config.device)
@@ -81,20 +115,35 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.buffers, config.max_num_seqs, config.max_model_len)
             if self.device.type == "cuda":
                 self.graphs.capture()
+        # Every rank's weights and KV cache (and, on CUDA, all it allocated), by rank.
+        self.rank_memory_bytes = group.all_gather_ints(self._memory_bytes(), self.device)
+
+    def _memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated()
+        tensors = [*self.model.parameters(), *(t for kv in self.kv_caches for t in kv)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     def _num_kv_blocks(self, hf_config) -> int:
         config = self.config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
-        per_block = kv_block_bytes(hf_config, self.block_size, self.dtype)
+        per_block = kv_block_bytes(hf_config, self.block_size, self.dtype, config.tensor_parallel_size)
         if config.kv_cache_memory is not None:
-            budget = config.kv_cache_memory
+            budget = config.kv_cache_memory  # per rank
         else:
             budget = self._gpu_kv_budget()
         num_blocks = budget // per_block - 1  # one more is the scratch block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget {budget} bytes holds no {per_block}-byte block")
-        return num_blocks
+        # One block manager serves every rank: the smallest budget wins.
+        return group.all_reduce_min(num_blocks, self.device)
 
     def _gpu_kv_budget(self) -> int:
         """What the utilization target leaves after the weights (measured, so
@@ -175,35 +224,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        if output.block_copies:
-            self._copy_blocks(output.block_copies)
         scheduled = output.scheduled
-        if not scheduled:
-            return RunnerOutput([], SamplerOutput([], []))
-
-        num_reqs = len(scheduled)
-        graphs = self.graphs
-        use_graph = graphs is not None and num_reqs <= graphs.max_batch_size and all(n == 1 for _, n in scheduled)
-        batch = self.buffers.prepare(scheduled, graphs.bucket_for(num_reqs) if use_graph else num_reqs)
-        if use_graph:
-            hidden = graphs.run(batch)
-        else:
-            input_ids, positions = self.buffers.inputs(batch)
-            hidden = self.model(input_ids, positions, self.buffers.metadata(batch))
-
-        query_start_loc = self.buffers.np["query_start_loc"]
-        sample_rows: list[int] = []  # index into the flattened tokens
+        plan = StepPlan(None, output.block_copies)
         rows: list[SamplingRow] = []
-        prompt_rows: list[tuple[Request, int, int, int]] = []  # request, first row, first position, count
+        prompt_requests: list[tuple[Request, int]] = []  # request, first position
+        if scheduled:
+            num_reqs = len(scheduled)
+            graphs = self.graphs
+            plan.use_graph = (
+                graphs is not None and num_reqs <= graphs.max_batch_size and all(n == 1 for _, n in scheduled)
+            )
+            plan.batch = self.buffers.prepare(scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs)
+            rows, prompt_requests = self._plan_logits(scheduled, plan)
+        if self.workers is not None and (plan.batch is not None or plan.block_copies):
+            self.workers.send(encode_step(self.buffers, plan))
+        prompt_logits, logits = self.run_step(plan)
+        prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_requests)
+        if not rows:
+            return RunnerOutput([], SamplerOutput([], []), prompt_logprobs)
+        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows), prompt_logprobs)
+
+    def _plan_logits(
+        self, scheduled: list[tuple[Request, int]], plan: StepPlan
+    ) -> tuple[list[SamplingRow], list[tuple[Request, int]]]:
+        """Fill the plan's logits rows; return the rows to sample and the
+        (request, first position) of each prompt-logprobs range."""
+        query_start_loc = self.buffers.np["query_start_loc"]
+        rows: list[SamplingRow] = []
+        prompt_requests: list[tuple[Request, int]] = []
         for i, (request, num_new) in enumerate(scheduled):
             start = request.num_computed_tokens
             end = start + num_new
             # Position p's logits predict prompt token p + 1.
             num_prompt_rows = min(end, request.num_prompt_tokens - 1) - start
             if request.params.prompt_logprobs is not None and num_prompt_rows > 0:
-                prompt_rows.append((request, int(query_start_loc[i]), start, num_prompt_rows))
+                plan.prompt_rows.append((int(query_start_loc[i]), num_prompt_rows))
+                prompt_requests.append((request, start))
             if end == request.num_tokens:
-                sample_rows.append(int(query_start_loc[i + 1]) - 1)
+                plan.sample_rows.append(int(query_start_loc[i + 1]) - 1)
                 stop_ids = request.eos_token_ids + tuple(request.params.stop_token_ids)
                 rows.append(
                     SamplingRow(
@@ -211,19 +269,36 @@ class ModelRunner:
                         request.output_token_ids, stop_ids, request.sample_index,
                     )
                 )
-        prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows)
-        if not rows:
-            return RunnerOutput([], SamplerOutput([], []), prompt_logprobs)
-        logits = self.model.compute_logits(hidden[self.buffers.set_logits_indices(sample_rows)])
-        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows), prompt_logprobs)
+        return rows, prompt_requests
+
+    @torch.inference_mode()
+    def run_step(self, plan: StepPlan) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """What every rank runs of a step: the block copies, the forward, and
+        the logits of the plan's rows (prompt ranges, then the sampled rows)."""
+        if plan.block_copies:
+            self._copy_blocks(plan.block_copies)
+        batch = plan.batch
+        if batch is None:
+            return [], None
+        if plan.use_graph:
+            hidden = self.graphs.run(batch)
+        else:
+            input_ids, positions = self.buffers.inputs(batch)
+            hidden = self.model(input_ids, positions, self.buffers.metadata(batch))
+        prompt_logits = [self.model.compute_logits(hidden[row : row + count]) for row, count in plan.prompt_rows]
+        logits = None
+        if plan.sample_rows:
+            logits = self.model.compute_logits(hidden[self.buffers.set_logits_indices(plan.sample_rows)])
+        return prompt_logits, logits
 
     def _prompt_logprobs(
-        self, hidden: torch.Tensor, prompt_rows: list[tuple[Request, int, int, int]]
+        self, prompt_logits: list[torch.Tensor], prompt_requests: list[tuple[Request, int]]
     ) -> dict[str, tuple[int, list[LogprobEntry]]]:
         result = {}
-        for request, row, first_pos, count in prompt_rows:
-            logprobs = self.model.compute_logits(hidden[row : row + count]).float().log_softmax(dim=-1)
-            targets = torch.tensor(request.token_ids[first_pos + 1 : first_pos + count + 1]).to(hidden.device)
+        for logits, (request, first_pos) in zip(prompt_logits, prompt_requests):
+            count = logits.shape[0]
+            logprobs = logits.float().log_softmax(dim=-1)
+            targets = torch.tensor(request.token_ids[first_pos + 1 : first_pos + count + 1]).to(logits.device)
             entries = gather_logprobs(logprobs, targets, [request.params.prompt_logprobs] * count)
             result[request.request_id] = (first_pos, entries)
         return result

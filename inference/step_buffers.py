@@ -82,7 +82,7 @@ class StepBuffers:
         """Fill the host buffers for these (request, num_new_tokens) pairs and
         copy them to the device; rows num_reqs..num_padded_reqs-1 are padding
         of one token each."""
-        self._wait_for_copies()
+        self.wait_for_copies()
         h = self.np
         bs = self.block_size
         num_reqs = len(scheduled)
@@ -121,21 +121,27 @@ class StepBuffers:
             h["positions"][pad_tokens] = 0
             h["slot_mapping"][pad_tokens] = self.scratch_block_id * bs
 
-        self._copy("input_ids", num_padded_tokens)
-        self._copy("positions", num_padded_tokens)
-        self._copy("slot_mapping", num_padded_tokens)
-        self._copy("seq_lens", num_padded_reqs)
-        self._copy("query_start_loc", num_padded_reqs + 1)
-        self._copy("block_tables", num_padded_reqs)
-        return StepBatch(
+        batch = StepBatch(
             num_reqs, num_padded_reqs, num_tokens, num_padded_tokens,
             # `initial`: a batch of padding alone (graph capture) has no real row.
             max_query_len=int(num_new.max(initial=1)), max_seq_len=int(ends.max(initial=1)),
         )
+        self.publish(batch)
+        return batch
+
+    def publish(self, batch: StepBatch) -> None:
+        """Copy the batch's rows of the host buffers to the device (after
+        `prepare`, or after a tensor-parallel rank wrote them from rank 0's)."""
+        self._copy("input_ids", batch.num_padded_tokens)
+        self._copy("positions", batch.num_padded_tokens)
+        self._copy("slot_mapping", batch.num_padded_tokens)
+        self._copy("seq_lens", batch.num_padded_reqs)
+        self._copy("query_start_loc", batch.num_padded_reqs + 1)
+        self._copy("block_tables", batch.num_padded_reqs)
 
     def set_logits_indices(self, rows: list[int]) -> torch.Tensor:
         """Token rows whose logits are sampled, as a device tensor view."""
-        self._wait_for_copies()
+        self.wait_for_copies()
         self.np["logits_indices"][: len(rows)] = rows
         self._copy("logits_indices", len(rows))
         return self.gpu["logits_indices"][: len(rows)]
@@ -145,7 +151,8 @@ class StepBuffers:
             self.gpu[name][:num_rows].copy_(self._host[name][:num_rows], non_blocking=True)
             self._copied.record()
 
-    def _wait_for_copies(self) -> None:
+    def wait_for_copies(self) -> None:
+        """Call before writing the host buffers."""
         if self._copied is not None:
             self._copied.synchronize()  # returns at once unless a copy is still queued
 

@@ -26,6 +26,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--load-format", choices=["safetensors", "dummy"], default="safetensors",
         help="dummy: random weights built on the device from config.json alone (benchmarks; outputs are noise)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split the model across this many processes (one GPU each on CUDA)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -44,6 +48,7 @@ def engine_config_from_args(args: argparse.Namespace):
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
         load_format=args.load_format,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

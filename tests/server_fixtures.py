@@ -8,6 +8,7 @@ exit. `start_server` gives a private process for tests that end it.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import os
@@ -131,3 +132,51 @@ def sse_events(lines) -> list[dict]:
             events.append(json.loads(payload))
     assert done, "stream did not end with data: [DONE]"
     return events
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The multiprocessing-spawned children (not multiprocessing's resource tracker)."""
+    return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0) until its parent reaps it.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+
+
+def wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"left behind: {[p for p in pids if not gone(p)]}"
+        time.sleep(0.05)
+
+
+async def kill_mid_stream(server: ServerProcess, pid: int, max_wait_s: float) -> tuple[list[dict], float]:
+    """SIGKILL `pid` once a long completion stream has started; return that
+    stream's events and how long /health took to answer 503 (asserted under
+    `max_wait_s`)."""
+    async with server.async_client() as client:
+        assert (await client.get("/health")).status_code == 200
+        body = {"prompt": "Write a long story:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = []
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if len(lines) == 1:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = time.monotonic()
+        health = await client.get("/health")
+        while health.status_code != 503:
+            assert time.monotonic() - killed < max_wait_s, f"/health still 200 {max_wait_s} s after the kill"
+            await asyncio.sleep(0.05)
+            health = await client.get("/health")
+        return sse_events(lines), time.monotonic() - killed

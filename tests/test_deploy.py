@@ -227,7 +227,7 @@ def validation_errors(doc: dict) -> list[str]:
 
 
 def test_tree_has_the_expected_overlays():
-    assert {"keda", "hpa", "model-pvc", "cpu-dev"} <= set(OVERLAYS)
+    assert {"keda", "hpa", "model-pvc", "cpu-dev", "tensor-parallel"} <= set(OVERLAYS)
     assert (K8S / "README.md").is_file()
 
 
@@ -348,14 +348,27 @@ def test_every_container_has_requests_and_limits(target):
 
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
-def test_gpu_targets_ask_for_one_gpu_on_gpu_nodes(target):
+def test_gpu_targets_ask_for_one_gpu_per_rank_on_gpu_nodes(target):
     deployment = the(render(target), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
-    assert quantity(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    num_ranks = server_args(container).tensor_parallel_size
+    assert quantity(container["resources"]["limits"]["nvidia.com/gpu"]) == num_ranks
     assert pod["nodeSelector"], "no nodeSelector for GPU nodes"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert server_args(container).gpu_memory_utilization is not None
+
+
+def test_tensor_parallel_overlay_has_two_gpus_and_a_memory_backed_shm():
+    deployment = the(render("overlays/tensor-parallel"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = server_container(deployment)
+    assert server_args(container).tensor_parallel_size == 2
+    assert quantity(container["resources"]["requests"]["nvidia.com/gpu"]) == 2
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"  # NCCL's intra-node buffers
+    assert quantity(volume["emptyDir"]["sizeLimit"]) >= quantity("4Gi")
 
 
 def test_cpu_dev_has_no_gpu_anything():
@@ -514,8 +527,9 @@ def test_hpa_overlay_uses_the_adapter_rules_and_the_keda_thresholds():
     assert f'model_name="{served}"' in queries["kv_usage"]
 
 
-def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home():
-    docs = render("overlays/model-pvc")
+@pytest.mark.parametrize("target", ["overlays/model-pvc", "overlays/tensor-parallel"])
+def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home(target):
+    docs = render(target)
     claim = the(docs, "PersistentVolumeClaim")["metadata"]["name"]
     deployment = the(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_our_kernels_package_is_not_taken_for_hf_kernels():
     # transformers switches to hub kernels when it finds a package named
@@ -27,7 +29,9 @@ def test_console_script_parses():
     assert args.max_tokens == 3 and args.prompt == "hi"
 
 
-def test_generate_command_runs_the_engine(tiny_llama_dir):
+# Two ranks: the command must also exit once its rank process is done.
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_generate_command_runs_the_engine(tiny_llama_dir, tensor_parallel_size):
     from inference import LLM, SamplingParams
 
     prompt = "hello"
@@ -36,7 +40,7 @@ def test_generate_command_runs_the_engine(tiny_llama_dir):
     )
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "generate", prompt, "--max-tokens", "5",
-         "--model", str(tiny_llama_dir), "--num-kv-blocks", "32"],
+         "--model", str(tiny_llama_dir), "--num-kv-blocks", "32", "--tensor-parallel-size", str(tensor_parallel_size)],
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert result.stdout.rstrip("\n") == expected.outputs[0].text

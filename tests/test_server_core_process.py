@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import pytest
-from server_fixtures import shared_server, sse_events, start_server
+from server_fixtures import children, kill_mid_stream, shared_server, spawned_children, start_server, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -27,68 +25,27 @@ BURST_MAX_TOKENS = 8
 C = "/v1/completions"
 
 
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def _core_pid(server) -> int:
-    """The spawned engine core among the server's children (the other is
-    multiprocessing's resource tracker)."""
-    for child in _children(server.process.pid):
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-            return child
-    raise AssertionError(f"no engine-core process under {server.process.pid}")
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    # A zombie still answers kill(0) until its parent reaps it.
-    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(_gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"left behind: {[p for p in pids if not _gone(p)]}"
-        time.sleep(0.05)
+    """The spawned engine core among the server's children."""
+    [core_pid] = spawned_children(server.process.pid)
+    return core_pid
 
 
 def test_killed_core_gives_503_fails_open_streams_and_exits_cleanly():
     server = start_server("--max-model-len", "256", "--num-kv-blocks", "64", "--shutdown-timeout", "10")
     try:
-        children = _children(server.process.pid)
+        children_pids = children(server.process.pid)
         core_pid = _core_pid(server)
 
-        async def run() -> tuple[list[dict], float]:
-            async with server.async_client() as client:
-                assert (await client.get("/health")).status_code == 200
-                body = {"prompt": "Write a long story:", "max_tokens": 200, "ignore_eos": True, "stream": True}
-                async with client.stream("POST", C, json=body) as response:
-                    assert response.status_code == 200
-                    lines = []
-                    async for line in response.aiter_lines():
-                        lines.append(line)
-                        if len(lines) == 1:
-                            os.kill(core_pid, signal.SIGKILL)
-                            killed = time.monotonic()
-                    health = await client.get("/health")
-                    while health.status_code != 503:
-                        assert time.monotonic() - killed < 2.0, "/health still 200 2 s after the core died"
-                        await asyncio.sleep(0.05)
-                        health = await client.get("/health")
-                    refused = await client.post(C, json={"prompt": "Anyone?", "max_tokens": 2})
-                    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
-                    return sse_events(lines), time.monotonic() - killed
-
-        events, waited = asyncio.run(run())
+        events, waited = asyncio.run(kill_mid_stream(server, core_pid, max_wait_s=2.0))
         assert "error" in events[-1] and "Generation failed" in events[-1]["error"]["message"]
         assert waited < 2.0
+        with server.client() as client:
+            refused = client.post(C, json={"prompt": "Anyone?", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=20) == 0, server.log_tail()
-        _wait_gone(children, timeout=5)
+        wait_gone(children_pids, timeout=5)
     finally:
         server.stop()
 
@@ -99,7 +56,7 @@ def test_killed_front_end_leaves_no_core_behind(tiny_llama_dir):
         core_pid = _core_pid(server)
         server.process.kill()
         server.process.wait(timeout=10)
-        _wait_gone([core_pid], timeout=5)  # it polls its parent once a second
+        wait_gone([core_pid], timeout=5)  # it polls its parent once a second
     finally:
         server.stop()
 

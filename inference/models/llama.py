@@ -10,6 +10,10 @@ q/k/v and gate/up are fused into one matmul each (the loader concatenates the
 checkpoint's separate weights). The forward takes flattened tokens of many
 requests at once; attention goes through `inference.attention`.
 
+Under tensor parallelism each rank builds its part (`inference.parallel.layers`):
+its query and KV heads, its rows of gate_up, its vocab shard; o_proj and down
+all-reduce, the logits are gathered. With one rank these are the plain layers.
+
 Norms, rotary and SiLU-mul go through `kernels` (fused Triton kernels on CUDA,
 torch references that match transformers bit for bit in float32 on the CPU).
 The residual stream is passed vLLM-style, `layer(x, residual) -> (x,
@@ -26,6 +30,8 @@ from torch import nn
 
 import kernels
 from inference.attention import AttentionMetadata, paged_attention
+from inference.parallel import group
+from inference.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_heads
 
 
 class RMSNorm(nn.Module):
@@ -92,14 +98,21 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config, head_dim: int, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        shard = shard_heads(
+            num_heads, getattr(config, "num_key_value_heads", None) or num_heads, group.rank(), group.size()
+        )
+        self.num_heads = shard.num_heads  # this rank's
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = head_dim
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         self.scale = head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        q_start, kv_start = shard.first_head * head_dim, shard.first_kv_head * head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [(q_start, self.q_size), (kv_start, self.kv_size), (kv_start, self.kv_size)], qkv_bias
+        )
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, q_start)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
@@ -125,9 +138,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = config.intermediate_size // group.size()  # this rank's
+        start = group.rank() * self.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [(start, self.intermediate_size), (start, self.intermediate_size)], bias=False
+        )
+        self.down_proj = RowParallelLinear(self.intermediate_size, config.hidden_size, start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -170,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
         qk_norm = model_type in ("qwen3", "qwen3_moe")
         self.config = config
         self.head_dim = head_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, head_dim, qkv_bias, qk_norm, self.make_mlp(config, layer_id))
             for layer_id in range(config.num_hidden_layers)
@@ -178,7 +194,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, head_dim)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if self.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        )
 
     def make_mlp(self, config, layer_id: int) -> nn.Module:
         """The feed-forward block of layer `layer_id`: the hook the mixture-of-experts families override."""
@@ -194,4 +212,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return group.gather_vocab(F.linear(hidden, weight), self.config.vocab_size)

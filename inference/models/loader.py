@@ -8,6 +8,10 @@ stacked into our `[num_experts, ...]` expert parameters; a checkpoint that
 already stores them stacked (transformers' own names) loads as is. Every
 parameter must be written exactly once, so a missing tensor or shard is an
 error naming it, never silent random weights.
+
+A tensor-parallel layer (`inference.parallel.layers`) names the slice of the
+checkpoint tensor it holds; only that slice is read (`safe_open(...).get_slice`),
+so a rank never reads the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -93,6 +97,18 @@ def _num_writes(model: nn.Module, name: str) -> int:
     return num_parts
 
 
+def _read(
+    f, ckpt_name: str, owner: nn.Module, part: int | None, dest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the checkpoint tensor, where it goes); for a parallel layer only its
+    slice, into the part of `dest` it fills (a vocab shard may be short)."""
+    if not hasattr(owner, "checkpoint_slice"):
+        return f.get_tensor(ckpt_name), dest
+    dim, start, length = owner.checkpoint_slice(part or 0)
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    return f.get_slice(ckpt_name)[index], dest.narrow(dim, 0, length)
+
+
 def load_weights(model: nn.Module, folder: Path) -> None:
     params = dict(model.named_parameters())
     written: dict[str, int] = {}  # our name -> number of parts written
@@ -111,10 +127,6 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                 name, expert, part = _target(ckpt_name)
                 if name not in params or (expert is not None and expert >= params[name].shape[0]):
                     raise ValueError(f"{path.name}: unexpected tensor {ckpt_name!r}")
-                try:
-                    tensor = f.get_tensor(ckpt_name)
-                except (SafetensorError, OSError, RuntimeError) as exc:
-                    raise ValueError(f"{path}: cannot read tensor {ckpt_name!r} ({exc})") from exc
                 param = params[name]
                 with torch.no_grad():
                     dest = param if expert is None else param[expert]
@@ -122,6 +134,11 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                         sizes = _fused_parts(model, name)
                         offset = sum(sizes[:part])
                         dest = dest.narrow(0, offset, sizes[part])
+                    owner = model.get_submodule(name.rsplit(".", 1)[0])
+                    try:
+                        tensor, dest = _read(f, ckpt_name, owner, part, dest)
+                    except (SafetensorError, OSError, RuntimeError) as exc:
+                        raise ValueError(f"{path}: cannot read tensor {ckpt_name!r} ({exc})") from exc
                     if dest.shape != tensor.shape:
                         raise ValueError(
                             f"{path.name}: {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
