@@ -78,14 +78,23 @@ def test_head_sharding_splits_or_replicates_kv_heads():
         shard_heads(12, 3, 0, 2)
 
 
-def test_tp2_matches_tp1(tiny_model):
-    model_type, folder, _ = tiny_model
+def _assert_tp2_matches_tp1(model_type: str, folder) -> None:
     tokens_1, logits_1 = _run(folder, PROMPTS, 12, 1)
     tokens_2, logits_2 = _run(folder, PROMPTS, 12, 2)
     assert tokens_2 == tokens_1, model_type
     assert len(logits_2) == len(logits_1)
     for a, b in zip(logits_1, logits_2):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_tp2_matches_tp1(tiny_model):
+    _assert_tp2_matches_tp1(*tiny_model[:2])
+
+
+def test_moe_tp2_matches_tp1(tiny_moe_model):
+    """The experts are not split: every rank holds them all and computes the
+    whole MoE block, so only attention and the dense layers are sharded."""
+    _assert_tp2_matches_tp1(*tiny_moe_model[:2])
 
 
 def test_smollm2_tp3_matches_tp1(smollm2_dir):
