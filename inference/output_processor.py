@@ -84,6 +84,9 @@ class OutputProcessor:
         stopped: list[str] = []
         touched = dict.fromkeys(self._pending)
         self._pending = []
+        for request_id, seconds in step.grammar_compiles:
+            if request_id in self.states:
+                self.states[request_id].metrics.grammar_compile_time = seconds
         for out in step.outputs:
             state = self.states.get(out.request_id)
             if state is None:
