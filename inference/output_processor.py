@@ -56,7 +56,9 @@ class OutputProcessor:
             for _ in range(params.n)
         ]
         self.states[request_id] = _RequestState(
-            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time), params.n,
+            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(
+                arrival_time, structured_kind=params.structured_outputs and params.structured_outputs.key[0],
+            ), params.n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 

@@ -35,6 +35,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    structured_kind: str | None = None  # the grammar's kind (json, regex, ...) for structured output
     grammar_compile_time: float | None = None  # seconds, on the request whose grammar was compiled for it
 
 
