@@ -31,6 +31,9 @@ HERMES_SYSTEM = (
     'XML tags as follows:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
 )
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# Calls one `required` reply may hold: bounded, so a model that repeats a
+# call still closes the array before max_tokens.
+MAX_PARALLEL_CALLS = 4
 
 
 def template_supports_tools(chat_template: str | None) -> bool:
@@ -104,9 +107,8 @@ def tool_choice_spec(tools: list[ToolDefinition], choice: object, parallel: bool
         "required": ["name", "parameters"],
         "additionalProperties": False,
     } for t in tools]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    if not parallel:
-        schema["maxItems"] = 1
+    schema = {"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
+              "items": {"anyOf": calls}}
     return StructuredOutputsParams(json=schema)
 
 
