@@ -10,7 +10,9 @@
 # the later ones, and the exit status is non-zero if any failed:
 #   1. CUDA tests: the attention kernels (tests/test_kernels.py and
 #      tests/test_decode_graph_safe.py, -k cuda), the fused layer kernels
-#      (tests/test_layer_kernels.py -k cuda) and the engine with CUDA graphs
+#      (tests/test_layer_kernels.py -k cuda), the grammar bitmask in the
+#      sampler (tests/test_structured_output.py -k cuda; skipped without
+#      xgrammar) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
 #      prepared model). A test file missing from this checkout is
 #      reported as MISSING (the exit status stays 0 for it).
@@ -108,6 +110,7 @@ fi
 echo "== 1. CUDA tests ($mode)"
 test_step tests_kernels 150 tests/test_kernels.py tests/test_decode_graph_safe.py "${kernel_select[@]}"
 test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
+test_step tests_structured_output 60 tests/test_structured_output.py -k cuda
 # All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.
 test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"

@@ -22,7 +22,6 @@ from inference.engine_core import EngineCore, StepError
 from inference.output_processor import OutputProcessor
 from inference.outputs import RequestOutput
 from inference.sampling_params import SamplingParams
-from inference.structured_output import check_structured_outputs
 
 __all__ = ["EngineStats", "LLMEngine", "StepError"]
 
@@ -55,6 +54,8 @@ class LLMEngine:
             prompt_text, token_ids = None, list(prompt)
         check_request(token_ids, params, self.config, self.core.vocab_size)
         if params.structured_outputs is not None:
+            from inference.structured_output import check_structured_outputs  # xgrammar only when asked for
+
             check_structured_outputs(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self.outputs.add(request_id, prompt_text, token_ids, params, arrival)

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from inference.sampling_params import SamplingParams
-from inference.structured_output import apply_bitmask, fill_bitmask
 
 
 @dataclass(slots=True)
@@ -267,6 +266,9 @@ class Sampler:
         logits = raw
         grammars = {i: r.grammar for i, r in enumerate(rows) if r.grammar is not None}
         if grammars:
+            # Imported here: free-text serving never loads xgrammar.
+            from inference.structured_output import apply_bitmask, fill_bitmask
+
             logits = raw.clone()  # raw stays unmasked for the logprobs
             apply_bitmask(logits, fill_bitmask(grammars, len(rows), vocab), list(grammars))
         if "edit_ids" in t:

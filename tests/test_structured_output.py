@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-import jsonschema
 import pytest
 import torch
-import xgrammar as xgr
+from conftest import build_tiny_tokenizer
 
 from inference import LLM, SamplingParams, StructuredOutputsParams
 from inference.block_manager import BlockManager
@@ -18,7 +17,10 @@ from inference.config import SchedulerConfig
 from inference.request import Request, RequestStatus
 from inference.sampler import Sampler, SamplingRow
 from inference.scheduler import Scheduler
-from inference.structured_output import check_structured_outputs
+
+# The GPU check runs this file where only torch, transformers and pytest are
+# installed: without xgrammar it skips, and jsonschema is imported where used.
+xgr = pytest.importorskip("xgrammar")
 
 PERSON = {
     "type": "object",
@@ -55,6 +57,8 @@ def structured(max_tokens=64, **spec) -> SamplingParams:
     ({"grammar": "root ::= undefined_rule"}, "invalid grammar"),
 ])
 def test_bad_specs_are_refused_before_compiling(spec, message):
+    from inference.structured_output import check_structured_outputs
+
     with pytest.raises(ValueError, match=message):
         check_structured_outputs(StructuredOutputsParams(**spec))
 
@@ -66,6 +70,8 @@ def test_exactly_one_spec(kwargs):
 
 
 def test_outputs_follow_their_spec_greedy_and_sampled(llm):
+    import jsonschema
+
     prompt = chat(llm, "Describe a person as JSON.")
     ebnf = 'root ::= "color: " ("red" | "green" | "blue")'
     params = [
@@ -100,6 +106,8 @@ def test_compile_time_is_reported_once_per_grammar(llm):
 
 
 def test_free_requests_in_a_mixed_batch_get_exactly_their_tokens_alone(llm):
+    import jsonschema
+
     prompts = [chat(llm, "Write a short poem about the sea."), "The capital of France is"]
     free = [SamplingParams(temperature=0.0, max_tokens=24, logprobs=2),
             SamplingParams(temperature=0.0, max_tokens=24, n=2, ignore_eos=True)]
@@ -162,19 +170,22 @@ def test_a_request_waiting_for_its_grammar_holds_no_batch_slot():
     assert not scheduler.has_unfinished() and scheduler.block_manager.num_used_blocks == 0
 
 
-def test_sampler_masks_only_the_constrained_rows(smollm2_dir):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_sampler_masks_only_the_constrained_rows(tmp_path, device):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    build_tiny_tokenizer(tmp_path)  # byte-level: 256 byte tokens and <eos>
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     vocab = len(tokenizer)
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)).compile_regex("7+")
     allowed = {t for t in range(vocab) if re.fullmatch("7+", tokenizer.decode([t]))}
     torch.manual_seed(0)
-    logits = torch.randn(4, vocab)
+    logits = torch.randn(4, vocab, device=device)
     rows = [SamplingRow(f"r{i}", SamplingParams(temperature=0.0, logprobs=1), [1], [], (0,),
                         grammar=xgr.GrammarMatcher(compiled) if i % 2 else None) for i in range(4)]
-    out = Sampler("cpu")(logits.clone(), rows)
-    free_alone = Sampler("cpu")(logits[0::2].clone(), [rows[0], rows[2]])
+    out = Sampler(device)(logits.clone(), rows)
+    free_alone = Sampler(device)(logits[0::2].clone(), [rows[0], rows[2]])
     assert out.token_ids[0::2] == free_alone.token_ids
     assert out.logprobs[0::2] == free_alone.logprobs
     assert {out.token_ids[1], out.token_ids[3]} <= allowed
