@@ -51,9 +51,11 @@ class ClientConfig:
     structured: str = "none"  # "json": every request constrained by STRUCTURED_SCHEMA
 
 
-# A schema whose one string can go on until max_tokens, so constrained and free
-# requests generate the same number of tokens (with ignore_eos).
-STRUCTURED_SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+# A schema whose one string cannot close before max_tokens (minLength), so
+# constrained and free requests generate the same number of tokens (with
+# ignore_eos; a finished grammar would end its request).
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4096}},
+                     "required": ["story"]}
 
 
 @dataclass(slots=True)
