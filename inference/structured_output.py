@@ -123,9 +123,6 @@ class StructuredOutputManager:
     def matcher(self, compiled: CompiledGrammar) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(compiled.grammar, override_stop_tokens=self.stop_token_ids)
 
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
 
 def fill_bitmask(matchers: dict[int, xgr.GrammarMatcher], num_rows: int, vocab_size: int) -> torch.Tensor:
     """[num_rows, ceil(vocab / 32)] int32 on the host: bit t of row i is set
