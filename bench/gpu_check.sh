@@ -110,7 +110,7 @@ fi
 echo "== 1. CUDA tests ($mode)"
 test_step tests_kernels 150 tests/test_kernels.py tests/test_decode_graph_safe.py "${kernel_select[@]}"
 test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
-test_step tests_structured_output 60 tests/test_structured_output.py -k cuda
+test_step tests_structured 60 tests/test_structured_output.py -k cuda
 # All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.
 test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"
