@@ -86,18 +86,19 @@ class EngineCore:
         if add.request_id in self.scheduler.requests:
             raise ValueError(f"request id {add.request_id!r} is already in use")
 
+        # A structured request waits for its grammar before it may queue.
+        status = RequestStatus.WAITING if params.structured_outputs is None else RequestStatus.WAITING_FOR_GRAMMAR
+
         def sample(index: int) -> Request:
             return Request(
                 sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
-                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, status=status,
             )
 
         leader = sample(0)
         leader.pending_samples = [sample(i) for i in range(1, params.n)]
         if params.structured_outputs is not None:
             self.compiling[add.request_id] = self.structured_output.grammar(params.structured_outputs)
-            for request in [leader, *leader.pending_samples]:
-                request.status = RequestStatus.WAITING_FOR_GRAMMAR
         self.scheduler.add_request(leader)
 
     def _admit_compiled(self) -> list[SampleOutput]:
