@@ -12,7 +12,9 @@
 #   1. CUDA tests: the attention kernels (tests/test_kernels.py,
 #      tests/test_decode_graph_safe.py and tests/test_kernel_launches.py,
 #      -k cuda), the fused layer kernels
-#      (tests/test_layer_kernels.py -k cuda) and the engine with CUDA graphs
+#      (tests/test_layer_kernels.py -k cuda), the grammar bitmask in the
+#      sampler (tests/test_structured_output.py -k cuda; skipped without
+#      xgrammar) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
 #      prepared model), the fused MoE kernel (tests/test_moe_kernel.py -k
 #      cuda). A test file missing from this checkout is
@@ -124,6 +126,7 @@ fi
 echo "== 1. CUDA tests ($mode)"
 test_step tests_kernels 200 tests/test_kernels.py tests/test_decode_graph_safe.py tests/test_kernel_launches.py "${kernel_select[@]}"
 test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
+test_step tests_structured 60 tests/test_structured_output.py -k cuda
 # All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.
 test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"

@@ -48,6 +48,14 @@ class ClientConfig:
     total_timeout_s: float = 900.0  # per level; unfinished requests count as failed
     api_key: str | None = None
     warmup: bool = True
+    structured: str = "none"  # "json": every request constrained by STRUCTURED_SCHEMA
+
+
+# A schema whose one string cannot close before max_tokens (minLength), so
+# constrained and free requests generate the same number of tokens (with
+# ignore_eos; a finished grammar would end its request).
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4096}},
+                     "required": ["story"]}
 
 
 @dataclass(slots=True)
@@ -92,6 +100,8 @@ async def send_request(client: httpx.AsyncClient, cfg: ClientConfig, req: Reques
         "stream_options": {"include_usage": True},
         "ignore_eos": cfg.ignore_eos,
     }
+    if cfg.structured == "json":
+        payload["structured_outputs"] = {"json": STRUCTURED_SCHEMA}
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     result = RequestResult(len(req.prompt_ids), max_tokens)
     chunks, usage_tokens = 0, None
@@ -286,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-format", choices=["text", "ids"], default="text")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--structured", choices=["none", "json"], default="none",
+                        help="json: constrain every request to a JSON schema (grammar cost)")
     parser.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per level, all requests")
@@ -305,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = prompt_vocab_size(tokenizer_path, tokenizer)
     cfg = ClientConfig(args.base_url, model, args.request_rate, args.prompt_format, args.ignore_eos,
-                       args.temperature, args.request_timeout, args.timeout, args.api_key, args.warmup)
+                       args.temperature, args.request_timeout, args.timeout, args.api_key, args.warmup,
+                       args.structured)
     workload = workload_from_args(args, args.num_prompts)
     label = args.label or model
     runs = []

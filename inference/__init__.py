@@ -5,9 +5,9 @@ manager, requests) can be imported and tested without torch.
 """
 
 from inference.outputs import CompletionOutput, Logprob, RequestOutput
-from inference.sampling_params import SamplingParams
+from inference.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 def __getattr__(name: str):

@@ -120,7 +120,7 @@ class SampleOutput:
     sample_index: int
     new_token_ids: list[int]  # empty for a prefill chunk that sampled nothing
     num_cached_tokens: int = 0
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "grammar" (no token could continue it)
     stop_reason: int | None = None  # the stop token id, if one ended it
     logprobs: LogprobEntry | None = None  # of the new token, when asked for
     prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # (first position, entries) of this chunk
@@ -131,6 +131,7 @@ class StepOutputs:
     outputs: list[SampleOutput]
     scheduled_time: float  # when the step was scheduled: ends the queue time of new requests
     token_time: float  # when its tokens were sampled
+    grammar_compiles: list[tuple[str, float]] = field(default_factory=list)  # (request id, seconds) compiled
     # Filled in by the core process only:
     stats: EngineStats | None = None
     num_adds: int = 0  # adds applied since the previous message; they leave the front end's queue count

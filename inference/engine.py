@@ -53,6 +53,10 @@ class LLMEngine:
         else:
             prompt_text, token_ids = None, list(prompt)
         check_request(token_ids, params, self.config, self.core.vocab_size)
+        if params.structured_outputs is not None:
+            from inference.structured_output import check_structured_outputs  # xgrammar only when asked for
+
+            check_structured_outputs(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self.outputs.add(request_id, prompt_text, token_ids, params, arrival)
         self.core.add_request(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt))

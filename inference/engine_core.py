@@ -4,6 +4,10 @@
     runner.execute(...)       one forward pass, sampled token ids
     scheduler.update(...)     computed counts, new tokens, token-level stops
 
+A structured-output request first waits for its grammar, compiled on a
+worker thread (`inference/structured_output.py`); the step that finds it
+compiled hands the scheduler one matcher per sample.
+
 It deals in token ids only and hands back one flat `StepOutputs` per step;
 text, stop strings and decoded logprobs belong to the `OutputProcessor` on
 the caller's side. That keeps the core free to run in its own process
@@ -12,7 +16,10 @@ the caller's side. That keeps the core free to run in its own process
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -25,6 +32,12 @@ from inference.kv_snapshot import take_kv_snapshot
 from inference.model_runner import ModelRunner
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# With nothing else to run, a step waits this long for a grammar to compile
+# instead of spinning (the core process still hears new requests after it).
+GRAMMAR_WAIT_S = 0.05
 
 
 class StepError(RuntimeError):
@@ -58,6 +71,17 @@ class EngineCore:
         self.runner = ModelRunner(config, self.hf_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        # leader request id -> (its grammar's Future, whether its add started the compile)
+        self.compiling: dict[str, tuple[Future, bool]] = {}
+        self.grammar_compiles: list[tuple[str, float]] = []  # (request id, seconds) since the last step
+
+    @functools.cached_property
+    def structured_output(self):
+        """Built on the first structured request: free-text serving never pays for it."""
+        from inference.structured_output import StructuredOutputManager
+
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        return StructuredOutputManager(tokenizer, self.vocab_size, self.eos_token_ids)
 
     def add_request(self, add: AddRequest) -> None:
         params = add.params
@@ -65,15 +89,48 @@ class EngineCore:
         if add.request_id in self.scheduler.requests:
             raise ValueError(f"request id {add.request_id!r} is already in use")
 
+        # A structured request waits for its grammar before it may queue.
+        status = RequestStatus.WAITING if params.structured_outputs is None else RequestStatus.WAITING_FOR_GRAMMAR
+
         def sample(index: int) -> Request:
             return Request(
                 sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
-                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, status=status,
             )
 
         leader = sample(0)
         leader.pending_samples = [sample(i) for i in range(1, params.n)]
+        if params.structured_outputs is not None:
+            self.compiling[add.request_id] = self.structured_output.grammar(params.structured_outputs)
         self.scheduler.add_request(leader)
+
+    def _admit_compiled(self) -> list[SampleOutput]:
+        """Queue the requests whose grammar compiled; a failed compile ends
+        its request as aborted (callers check specs first, so this is rare).
+        Returns the outputs of requests ended here."""
+        if not self.compiling:
+            return []
+        if not self.scheduler.has_schedulable:
+            wait([f for f, _ in self.compiling.values()], timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
+        ended = []
+        for request_id, (future, is_new) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            leader = self.scheduler.waiting_for_grammar.get(request_id)
+            if leader is None:
+                continue  # aborted while compiling
+            if future.exception() is not None:
+                logger.error("grammar compile failed for %s: %s", request_id, future.exception())
+                ended += [SampleOutput(request_id, r.sample_index, [], finish_reason="abort")
+                          for r in [leader, *leader.pending_samples]]
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+                continue
+            compiled = future.result()
+            if is_new:
+                self.grammar_compiles.append((request_id, compiled.compile_time))
+            self.scheduler.grammar_ready(request_id, functools.partial(self.structured_output.matcher, compiled))
+        return ended
 
     def abort_requests(self, sample_ids: list[str]) -> None:
         """Finish these samples and free their blocks; unknown ids (already
@@ -92,6 +149,7 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> StepOutputs:
+        outputs = self._admit_compiled()
         sched = self.scheduler.schedule()
         scheduled_at = time.monotonic()  # queue time ends here, before the forward pass
         try:
@@ -104,11 +162,10 @@ class EngineCore:
         now = time.monotonic()
         sampled = dict(zip(result.request_ids, result.sampled.token_ids))
         logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
-        self.scheduler.update(sched, sampled)
-        outputs = []
+        progressed = {r.request_id for r in self.scheduler.update(sched, sampled)}
         for request, _ in sched.scheduled:
             rid = request.request_id
-            token_id = sampled.get(rid)
+            token_id = sampled.get(rid) if rid in progressed else None  # a token the grammar refused is dropped
             status = request.status
             outputs.append(SampleOutput(
                 request.parent_id, request.sample_index, [] if token_id is None else [token_id],
@@ -118,7 +175,8 @@ class EngineCore:
                 logprobs=logprobs.get(rid),
                 prompt_logprobs=result.prompt_logprobs.get(rid),
             ))
-        return StepOutputs(outputs, scheduled_at, now)
+        compiles, self.grammar_compiles = self.grammar_compiles, []
+        return StepOutputs(outputs, scheduled_at, now, grammar_compiles=compiles)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -266,7 +266,7 @@ class ModelRunner:
                 rows.append(
                     SamplingRow(
                         request.request_id, request.params, request.prompt_token_ids,
-                        request.output_token_ids, stop_ids, request.sample_index,
+                        request.output_token_ids, stop_ids, request.sample_index, request.grammar,
                     )
                 )
         return rows, prompt_requests

@@ -56,7 +56,9 @@ class OutputProcessor:
             for _ in range(params.n)
         ]
         self.states[request_id] = _RequestState(
-            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(arrival_time), params.n,
+            request_id, prompt, prompt_token_ids, params, samples, RequestMetrics(
+                arrival_time, structured_kind=params.structured_outputs and params.structured_outputs.key[0],
+            ), params.n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
@@ -84,6 +86,9 @@ class OutputProcessor:
         stopped: list[str] = []
         touched = dict.fromkeys(self._pending)
         self._pending = []
+        for request_id, seconds in step.grammar_compiles:
+            if request_id in self.states:
+                self.states[request_id].metrics.grammar_compile_time = seconds
         for out in step.outputs:
             state = self.states.get(out.request_id)
             if state is None:

@@ -21,7 +21,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "grammar" or None while running
     logprobs: list[PositionLogprobs] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
@@ -35,6 +35,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    structured_kind: str | None = None  # the grammar's kind (json, regex, ...) for structured output
+    grammar_compile_time: float | None = None  # seconds, on the request whose grammar was compiled for it
 
 
 @dataclass(slots=True)

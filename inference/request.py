@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from inference.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its grammar compiles; it holds no batch slot
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_GRAMMAR = "grammar"  # the grammar allowed no token the sampler could take
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self.value in ("stop", "length", "abort", "grammar")
 
 
 @dataclass(slots=True, eq=False)
@@ -44,6 +47,9 @@ class Request:
     # n > 1: the leader prefills the shared prompt once, then the scheduler
     # forks these held-back samples off its blocks.
     pending_samples: list[Request] = field(default_factory=list)
+    # An xgrammar GrammarMatcher for structured output (or anything with its
+    # accept_token / is_terminated); None for free text.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

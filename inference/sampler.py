@@ -1,7 +1,8 @@
 """Batched sampling with per-request parameters and one device-to-host copy.
 
 Order of operations, as in vLLM: logprobs are taken from the raw model
-logits; then logit_bias and the min_tokens ban on stop tokens, repetition /
+logits; then the grammar bitmask of structured rows (on a copy, and only on
+those rows, so the other rows' logits stay bit-identical), logit_bias and the min_tokens ban on stop tokens, repetition /
 presence / frequency penalties; then greedy rows take the argmax, and random
 rows are scaled by temperature, cut by min-p, top-k and top-p, and sampled.
 
@@ -35,6 +36,7 @@ never overflows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ class SamplingRow:
     output_token_ids: list[int]
     stop_ids: tuple[int, ...]  # banned while output is shorter than min_tokens
     sample_index: int = 0  # the n samples of a seeded request draw different streams
+    grammar: Any = None  # the request's GrammarMatcher, for structured output
 
 
 LogprobEntry = tuple[float, int, list[int], list[float]]  # chosen lp, its rank, top ids, top lps
@@ -261,6 +264,13 @@ class Sampler:
         t = _upload(ints, np.int64, self.device) | _upload(floats, np.float32, self.device)
 
         logits = raw
+        grammars = {i: r.grammar for i, r in enumerate(rows) if r.grammar is not None}
+        if grammars:
+            # Imported here: free-text serving never loads xgrammar.
+            from inference.structured_output import apply_bitmask, fill_bitmask
+
+            logits = raw.clone()  # raw stays unmasked for the logprobs
+            apply_bitmask(logits, fill_bitmask(grammars, len(rows), vocab), list(grammars))
         if "edit_ids" in t:
             edits = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=raw.device)
             logits = logits + edits.scatter_add_(1, t["edit_ids"], t["edit_values"])[:, :vocab]

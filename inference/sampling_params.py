@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's names); exactly one field is set.
+
+    `json` is a JSON schema (a dict or its text), `regex` a regular
+    expression, `choice` a list of strings the output must equal one of,
+    `grammar` an EBNF grammar, and `json_object` any JSON object. The engine
+    core compiles it; the caller checks it is well formed first."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            # Text on the wire; property order is kept, as the grammar follows it.
+            self.json = json.dumps(self.json)
+        if self.choice is not None:
+            self.choice = list(self.choice)
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+        given = [kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(STRUCTURED_KINDS)}, got {given}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec text): what a compiled grammar is cached by."""
+        kind = next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+        value = getattr(self, kind)
+        if kind == "choice":
+            return kind, json.dumps(value)
+        return kind, "" if kind == "json_object" else value
 
 
 @dataclass(slots=True)
@@ -28,6 +68,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-N besides the chosen token; 0 = chosen only
     prompt_logprobs: int | None = None  # same, for each prompt token (echo)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -19,13 +19,20 @@ Invariants:
 - A finished or aborted request holds no blocks.
 - At most the last prompt token is recomputed on a prefix-cache hit, so the
   step that finishes the prompt always has logits to sample from.
+- A request whose grammar still compiles waits in `waiting_for_grammar`,
+  outside the queue: it holds no batch slot and no block until
+  `grammar_ready` hands it its matchers.
+- A structured request's matcher has accepted exactly its output tokens; a
+  sampled token the matcher refuses is not appended and ends the request.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from inference.block_manager import BlockManager, hash_blocks
 from inference.config import SchedulerConfig
@@ -65,11 +72,32 @@ class Scheduler:
         self.waiting: list[_WaitingEntry] = []  # heap
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.waiting_for_grammar: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, request: Request) -> None:
+        if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+            for r in [request, *request.pending_samples]:
+                self.requests[r.request_id] = r
+            self.waiting_for_grammar[request.request_id] = request
+            return
+        self._enqueue(request)
+
+    def grammar_ready(self, request_id: str, new_matcher: Callable[[], Any]) -> None:
+        """The grammar of a request waiting for it compiled: each sample gets
+        its own matcher from `new_matcher` and the request joins the queue.
+        Unknown ids (aborted meanwhile) are ignored."""
+        request = self.waiting_for_grammar.pop(request_id, None)
+        if request is None:
+            return
+        for r in [request, *request.pending_samples]:
+            r.grammar = new_matcher()
+            r.status = RequestStatus.WAITING
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         if request.num_tokens_target == 0:
             # A one-token prompt has nothing to share: every sample runs alone.
             samples, request.pending_samples = request.pending_samples, []
@@ -93,6 +121,8 @@ class Scheduler:
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting = [e for e in self.waiting if e.request is not request]
             heapq.heapify(self.waiting)
+        elif request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+            self.waiting_for_grammar.pop(request_id, None)
         self.block_manager.free(request.block_table)
         request.block_table = []
         request.status = status
@@ -100,7 +130,13 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(e.request.num_seats for e in self.waiting)
+        queued = sum(e.request.num_seats for e in self.waiting)
+        return queued + sum(r.num_seats for r in self.waiting_for_grammar.values())
+
+    @property
+    def has_schedulable(self) -> bool:
+        """Anything running or queued, as opposed to only grammars compiling."""
+        return bool(self.running or self.waiting)
 
     @property
     def num_running(self) -> int:
@@ -230,9 +266,14 @@ class Scheduler:
             token_id = sampled.get(request.request_id)
             if token_id is None:
                 continue
+            if request.grammar is not None and not request.grammar.accept_token(token_id):
+                self.finish_request(request.request_id, RequestStatus.FINISHED_GRAMMAR)
+                continue
             request.token_ids.append(token_id)
             progressed.append(request)
             status = self._check_stop(request, token_id)
+            if status is None and request.grammar is not None and request.grammar.is_terminated():
+                status = RequestStatus.FINISHED_STOPPED  # complete, even where EOS is ignored
             if status is not None:
                 self.finish_request(request.request_id, status)
         return progressed

@@ -20,7 +20,12 @@ What counts as what:
   tokens;
 - `request_success_total{finished_reason}` counts finished completions (n
   per request), by "stop", "length" or "abort";
-- prompt tokens are counted once per request, when its first token comes.
+- prompt tokens are counted once per request, when its first token comes;
+- `structured_requests_total{kind}` counts finished structured-output
+  requests by grammar kind (json, json_object, regex, choice, grammar; tool
+  choices "required" and named are json), and the grammar compile-time
+  histogram observes each request whose add compiled a new grammar (cache
+  hits compile nothing).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort")  # always exported, 0 until seen
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # key: (pagedinfer name, vLLM name or None, help). Counter names lack the
 # `_total` suffix: prometheus_client appends it.
@@ -74,6 +80,7 @@ COUNTERS = {
                     "Prompt blocks found in the prefix cache"),
 }
 SUCCESS = ("pagedinfer_request_success", "vllm:request_success", "Finished completions by finish reason")
+STRUCTURED = ("pagedinfer_structured_requests", None, "Finished structured-output requests by grammar kind")
 HISTOGRAMS = {
     "ttft": ("pagedinfer_time_to_first_token_seconds", "vllm:time_to_first_token_seconds",
              "Arrival to first generated token", TTFT_BUCKETS),
@@ -83,6 +90,8 @@ HISTOGRAMS = {
             "Arrival to finish of a request", REQUEST_BUCKETS),
     "queue": ("pagedinfer_request_queue_time_seconds", "vllm:request_queue_time_seconds",
               "Arrival to first being scheduled", REQUEST_BUCKETS),
+    "compile": ("pagedinfer_grammar_compile_seconds", None,
+                "Compile time of a new structured-output grammar", COMPILE_BUCKETS),
 }
 
 
@@ -124,6 +133,7 @@ class EngineMetrics(Collector):
         self._gauges = dict.fromkeys(GAUGES, 0.0)
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._success = dict.fromkeys(FINISH_REASONS, 0)
+        self._structured: dict[str, int] = {}
         self._histograms = {key: Histogram(spec[3]) for key, spec in HISTOGRAMS.items()}
         # request id -> time of its last step with new tokens
         self._last_token_time: dict[str, float] = {}
@@ -160,6 +170,10 @@ class EngineMetrics(Collector):
                         hist["e2e"].observe(times.finished_time - times.arrival_time)
                     if times.first_scheduled_time is not None:
                         hist["queue"].observe(times.first_scheduled_time - times.arrival_time)
+                    if times.structured_kind is not None:
+                        self._structured[times.structured_kind] = self._structured.get(times.structured_kind, 0) + 1
+                    if times.grammar_compile_time is not None:
+                        hist["compile"].observe(times.grammar_compile_time)
                 for completion in output.outputs:
                     reason = completion.finish_reason or "abort"
                     self._success[reason] = self._success.get(reason, 0) + 1
@@ -198,6 +212,7 @@ class EngineMetrics(Collector):
         gauges = dict(self._gauges)
         counters = dict(self._counters)
         success = dict(self._success)
+        structured = dict(self._structured)
         histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}
 
         ready = GaugeMetricFamily("pagedinfer_ready", "1 once the model is loaded and the server takes requests",
@@ -219,6 +234,10 @@ class EngineMetrics(Collector):
             for reason, count in success.items():
                 family.add_metric([self.model_name, reason], float(count))
             yield family
+        family = CounterMetricFamily(STRUCTURED[0], STRUCTURED[2], labels=["model_name", "kind"])
+        for kind, count in structured.items():
+            family.add_metric([self.model_name, kind], float(count))
+        yield family
         for key, spec in HISTOGRAMS.items():
             buckets, total = histograms[key]
             for name in self._names(spec):

@@ -11,42 +11,24 @@ out when unset (`_omitted`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from inference.sampling_params import MAX_LOGPROBS, SamplingParams
+from inference.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from server.protocol_base import Text, _omitted, _Request
+from server.protocol_structured import StructuredFields, ToolCall, ToolFields
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # samples per prompt: n multiplies engine work, so it is bounded
 INT64 = 2**63 - 1
 
 
-def _utf8(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid UTF-8 text (it holds a lone surrogate)") from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
-
-
-def _omitted() -> Any:
-    return Field(default=None, exclude_if=lambda value: value is None)
-
-
-class _Request(BaseModel):
-    # NaN and infinity are valid Python JSON but never valid parameters.
-    model_config = ConfigDict(allow_inf_nan=False)
-
-
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingRequest(_Request):
+class SamplingRequest(StructuredFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -78,7 +60,8 @@ class SamplingRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """Raises ValueError naming the parameter for out-of-range values."""
         logit_bias = None
@@ -113,6 +96,7 @@ class SamplingRequest(_Request):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured_outputs,
         )
 
 
@@ -129,38 +113,35 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this answers
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except in an assistant message with tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
-def _no_tools(value: list[Any] | None) -> list[Any] | None:
-    if value:
-        raise ValueError("tool calling is not supported by this server")
-    return value
-
-
-def _text_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    # Silently ignoring a JSON format would hand the client text it cannot parse.
-    if value and value.get("type", "text") != "text":
-        raise ValueError(f"response_format type {value.get('type')!r} is not supported; only 'text' is")
-    return value
-
-
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(SamplingRequest, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
-    response_format: Annotated[dict[str, Any] | None, AfterValidator(_text_format)] = None
 
 
 class TokenizeRequest(_Request):
@@ -209,6 +190,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | None = _omitted()  # vLLM's field; "grammar" when no token could continue it
 
 
 class CompletionResponse(BaseModel):
@@ -241,13 +223,15 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = _omitted()
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    stop_reason: str | None = _omitted()  # vLLM's field; "grammar" when no token could continue it
 
 
 class ChatCompletionResponse(BaseModel):
@@ -262,13 +246,16 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = _omitted()
     content: str | None = _omitted()
+    # [{index, id?, type?, function: {name?, arguments}}]: the first delta of a call names it
+    tool_calls: list[dict[str, Any]] | None = _omitted()
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    stop_reason: str | None = _omitted()
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,11 +1,15 @@
-"""POST /v1/chat/completions: messages through the model's chat template."""
+"""POST /v1/chat/completions: messages through the model's chat template.
+
+With tools, the reply goes through server/chat_tools.py: a `ToolReply` per
+choice turns the text into content and `tool_calls`, whole or as stream
+deltas."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jinja2
@@ -14,6 +18,8 @@ from starlette.responses import Response, StreamingResponse
 
 from inference.request_stream import RequestStream
 from inference.outputs import PositionLogprobs
+from server.chat_replies import ToolReply
+from server.chat_tools import conversation, template_supports_tools
 from server.errors import APIError
 from server.protocol import (
     AssistantMessage,
@@ -25,6 +31,7 @@ from server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
+from server.protocol_structured import ToolDefinition
 from server.serving_common import (
     StreamTracker,
     add_requests,
@@ -34,20 +41,25 @@ from server.serving_common import (
     finish_reason,
     merge_streams,
     sse,
+    stop_reason,
     until_disconnected,
     usage,
 )
 from server.state import ServerState
+from server.structured import effective_tool_choice, structured_outputs
+from server.tool_parsers import parser_for_template
 
 logger = logging.getLogger(__name__)
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[ToolDefinition] | None = None) -> list[int]:
     """Prompt token ids from the tokenizer's chat template; runs on the tokenizer thread."""
-    # Templates know system/user/assistant; OpenAI's "developer" is the new name for system.
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    native = template_supports_tools(tokenizer.chat_template)
+    kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if native and tools else {}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(conversation(messages, tools, native), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
     except jinja2.TemplateError as exc:
         raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
     # The template already wrote any special tokens the model expects.
@@ -74,59 +86,79 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     engine = admit(state, request.model)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    token_ids = await state.run_tokenizer(render_chat, state.tokenizer, request.messages, request.add_generation_prompt)
+    tool_choice = effective_tool_choice(request)
+    tools = request.tools if tool_choice != "none" else None  # "none": the model is not told of them
+    structured = await structured_outputs(state, request)
+    token_ids = await state.run_tokenizer(render_chat, state.tokenizer, request.messages,
+                                          request.add_generation_prompt, tools)
     if state.settings.log_prompts:
         logger.info("chat messages: %r", [m.text() for m in request.messages])
     num_top = request.top_logprobs or 0
     params = build_params(
         state, request, num_prompt_tokens=len(token_ids), prompt_param="messages",
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-        logprobs=num_top if request.logprobs else None,
+        logprobs=num_top if request.logprobs else None, structured_outputs=structured,
     )
+    parser = parser_for_template(state.tokenizer.chat_template)
+
+    def new_reply() -> ToolReply | None:
+        return ToolReply(tool_choice, parser) if tools else None
+
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_requests(engine, request_id, [(token_ids, params)], request, arrival_time)
     created = int(time.time())
     model = state.settings.served_model_name
     if request.stream:
-        return StreamingResponse(sse(_stream(request, streams, request_id, created, model)),
+        return StreamingResponse(sse(_stream(request, streams, request_id, created, model, new_reply)),
                                  media_type="text/event-stream")
 
     [final] = await until_disconnected(raw_request, collect_final(streams))
-    choices = [
-        ChatChoice(
+    choices = []
+    for sample in final.outputs:
+        reason = finish_reason(sample)
+        reply = new_reply()
+        message = AssistantMessage(content=sample.text)
+        if reply is not None:
+            content, calls, reason = reply.whole(sample.text, reason)
+            message = AssistantMessage(content=content, tool_calls=calls or None)
+        choices.append(ChatChoice(
             index=sample.index,
-            message=AssistantMessage(content=sample.text),
+            message=message,
             logprobs=_logprobs(sample.token_ids, sample.logprobs or [], num_top) if request.logprobs else None,
-            finish_reason=finish_reason(sample),
-        )
-        for sample in final.outputs
-    ]
+            finish_reason=reason,
+            **stop_reason(sample),
+        ))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                       usage=usage([final]))
     return Response(response.model_dump_json(), media_type="application/json")
 
 
 async def _stream(request: ChatCompletionRequest, streams: list[RequestStream], request_id: str, created: int,
-                  model: str) -> AsyncIterator[dict[str, Any]]:
+                  model: str, new_reply: Callable[[], ToolReply | None]) -> AsyncIterator[dict[str, Any]]:
     """ChatCompletionChunks as plain dicts (see serving_common)."""
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
-    def choice(index: int, delta: dict[str, str], logprobs: ChoiceLogprobs | None = None,
-               reason: str | None = None) -> dict[str, Any]:
+    def choice(index: int, delta: dict[str, Any], logprobs: ChoiceLogprobs | None = None,
+               reason: str | None = None, extra: dict[str, str] | None = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs and logprobs.model_dump(),
-                                     "finish_reason": reason}]}
+                                     "finish_reason": reason, **(extra or {})}]}
 
     # As OpenAI does, each choice opens with the role and empty content.
     for index in range(request.n):
         yield choice(index, {"role": "assistant", "content": ""})
     tracker = StreamTracker(request.n)
     num_top = request.top_logprobs or 0
+    replies = [new_reply() for _ in range(request.n)]
     async for _, output in merge_streams(streams):
         for delta in tracker.deltas(0, output):
             logprobs = None
             if request.logprobs:
                 start = delta.first_new_token
                 logprobs = _logprobs(delta.sample.token_ids[start:], (delta.sample.logprobs or [])[start:], num_top)
-            yield choice(delta.index, {"content": delta.text}, logprobs, delta.finish_reason)
+            reply = replies[delta.index]
+            message, reason = {"content": delta.text}, delta.finish_reason
+            if reply is not None:
+                message, reason = reply.delta(delta.sample.text, delta.text, reason)
+            yield choice(delta.index, message, logprobs, reason, stop_reason(delta.sample))
     if request.include_usage:
         yield {**head, "choices": [], "usage": tracker.usage().model_dump()}

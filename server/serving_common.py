@@ -23,7 +23,7 @@ from fastapi import Request
 from inference.async_engine import AsyncLLM
 from inference.request_stream import EngineDeadError, RequestFailedError, RequestStream
 from inference.outputs import CompletionOutput, RequestOutput
-from inference.sampling_params import SamplingParams
+from inference.sampling_params import SamplingParams, StructuredOutputsParams
 from server.errors import APIError, bad_request, error_body
 from server.protocol import PromptTokensDetails, SamplingRequest, Usage
 from server.state import ServerState
@@ -90,11 +90,12 @@ def build_params(
     prompt_param: str,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """SamplingParams for one prompt; every problem becomes a 400 naming its parameter."""
     resolved = resolve_max_tokens(num_prompt_tokens, max_tokens, state.max_model_len, prompt_param)
     try:
-        params = request.sampling_params(resolved, logprobs, prompt_logprobs)
+        params = request.sampling_params(resolved, logprobs, prompt_logprobs, structured_outputs)
     except ValueError as exc:
         raise bad_request(exc, KNOWN_PARAMS) from exc
     # The sampler indexes logits with these ids, so they must be in the vocabulary.
@@ -180,10 +181,16 @@ async def collect_final(streams: list[RequestStream]) -> list[RequestOutput]:
 
 
 def finish_reason(output: CompletionOutput) -> str | None:
-    """OpenAI's finish reason; an engine-side abort is reported as an error."""
+    """OpenAI's finish reason; an engine-side abort is reported as an error,
+    a grammar no token could continue as "stop" (see `stop_reason`)."""
     if output.finish_reason == "abort":
         raise RequestFailedError("the request was aborted by the server")
-    return output.finish_reason
+    return "stop" if output.finish_reason == "grammar" else output.finish_reason
+
+
+def stop_reason(output: CompletionOutput) -> dict[str, str]:
+    """vLLM's `stop_reason` field, sent only to say the grammar ended the output."""
+    return {"stop_reason": "grammar"} if output.finish_reason == "grammar" else {}
 
 
 @dataclass(slots=True)

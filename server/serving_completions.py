@@ -30,10 +30,12 @@ from server.serving_common import (
     finish_reason,
     merge_streams,
     sse,
+    stop_reason,
     until_disconnected,
     usage,
 )
 from server.state import ServerState
+from server.structured import structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     arrival_time = time.monotonic()
     engine = admit(state, request.model)
     prompt_inputs = _prompt_list(request.prompt)
+    structured = await structured_outputs(state, request)
     echo_logprobs = request.echo and request.logprobs is not None
     prompts = await state.run_tokenizer(
         _tokenize, state.tokenizer, state.vocab_size, prompt_inputs, request.echo, echo_logprobs
@@ -114,6 +117,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
         (p.token_ids, build_params(
             state, request, num_prompt_tokens=len(p.token_ids), max_tokens=max_tokens, prompt_param="prompt",
             logprobs=request.logprobs, prompt_logprobs=request.logprobs if echo_logprobs else None,
+            structured_outputs=structured,
         ))
         for p in prompts
     ]
@@ -134,6 +138,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
                 text=prompt.text + sample.text if request.echo else sample.text,
                 logprobs=_choice_logprobs(request, prompt, output, sample, 0, request.echo, 0),
                 finish_reason=finish_reason(sample),
+                **stop_reason(sample),
             ))
     response = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage(finals))
     return Response(response.model_dump_json(), media_type="application/json")
@@ -154,7 +159,7 @@ async def _stream(request: CompletionRequest, prompts: list[Prompt], streams, re
             logprobs = _choice_logprobs(request, prompt, output, delta.sample, delta.first_new_token, echo, offset)
             text_offsets[delta.index] = offset + len(text)
             choice = {"index": delta.index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
-                      "finish_reason": delta.finish_reason}
+                      "finish_reason": delta.finish_reason, **stop_reason(delta.sample)}
             yield {**head, "choices": [choice]}
     if request.include_usage:
         yield {**head, "choices": [], "usage": tracker.usage().model_dump()}

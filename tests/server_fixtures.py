@@ -31,6 +31,10 @@ MAIN_SERVER_ARGS = (
     "--max-model-len", "256", "--num-kv-blocks", "512", "--max-num-seqs", "64",
     "--api-key", API_KEY, "--max-request-bytes", str(1024 * 1024),
 )
+# Structured-output and tool tests: room for a tools system prompt and 64 concurrent replies.
+STRUCTURED_SERVER_ARGS = (
+    "--max-model-len", "1024", "--num-kv-blocks", "1024", "--max-num-seqs", "64", "--api-key", API_KEY,
+)
 READY_TIMEOUT_S = 240
 
 

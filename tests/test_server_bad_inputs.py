@@ -53,10 +53,6 @@ CASES = [
     ("unknown model", C, {"json": {"prompt": "x", "model": "gpt-9"}}, 404, "model"),
     ("chat missing messages", CHAT, {"json": {"max_tokens": 2}}, 400, "messages"),
     ("chat empty messages", CHAT, {"json": {"messages": []}}, 400, "messages"),
-    ("chat tools", CHAT, {"json": {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}},
-     400, "tools"),
-    ("chat json response format", CHAT, {"json": {"messages": USER, "response_format": {"type": "json_object"}}},
-     400, "response_format"),
     ("chat bad role", CHAT, {"json": {"messages": [{"role": "wizard", "content": "x"}]}}, 400, "messages.0.role"),
     ("chat content wrong type", CHAT, {"json": {"messages": [{"role": "user", "content": 7}]}}, 400, None),
     ("chat image part", CHAT, {"json": {"messages": [{"role": "user", "content": [
@@ -67,6 +63,46 @@ CASES = [
     ("chat over context", CHAT, {"json": {"messages": [{"role": "user", "content": LONG_TEXT}]}}, 400, "messages"),
     ("chat max_tokens over context", CHAT, {"json": {"messages": USER, "max_tokens": 100000}}, 400, "max_tokens"),
     ("chat unknown model", CHAT, {"json": {"messages": USER, "model": "nope"}}, 404, "model"),
+    # structured outputs and tools
+    ("response_format unknown type", CHAT, {"json": {"messages": USER, "response_format": {"type": "xml"}}},
+     400, "response_format.type"),
+    ("json_schema format without json_schema", CHAT,
+     {"json": {"messages": USER, "response_format": {"type": "json_schema"}}}, 400, "response_format"),
+    ("json_schema without schema", CHAT, {"json": {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x"}}}}, 400, "response_format.json_schema.schema"),
+    ("invalid json schema", CHAT, {"json": {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}}, 400, "response_format"),
+    ("structured_outputs bad regex", CHAT, {"json": {"messages": USER, "structured_outputs": {"regex": "(unclosed"}}},
+     400, "structured_outputs"),
+    ("structured_outputs two kinds", C, {"json": {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}},
+     400, "structured_outputs"),
+    ("structured_outputs empty", C, {"json": {"prompt": "x", "structured_outputs": {}}}, 400, "structured_outputs"),
+    ("guided_regex bad", C, {"json": {"prompt": "x", "guided_regex": "[a-"}}, 400, "guided_regex"),
+    ("guided_choice empty", C, {"json": {"prompt": "x", "guided_choice": []}}, 400, "guided_choice"),
+    ("guided_json not json", C, {"json": {"prompt": "x", "guided_json": "{nope"}}, 400, "guided_json"),
+    ("guided_json a number", C, {"json": {"prompt": "x", "guided_json": 5}}, 400, "guided_json"),
+    ("guided_grammar undefined rule", C, {"json": {"prompt": "x", "guided_grammar": "root ::= missing"}},
+     400, "guided_grammar"),
+    ("two constraints at once", C, {"json": {"prompt": "x", "guided_regex": "a+", "guided_choice": ["b"]}},
+     400, "guided_choice"),
+    ("tool_choice unknown function", CHAT, {"json": {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}}, 400, "tool_choice"),
+    ("tool_choice required without tools", CHAT, {"json": {"messages": USER, "tool_choice": "required"}},
+     400, "tool_choice"),
+    ("tool_choice unknown mode", CHAT, {"json": {"messages": USER, "tool_choice": "sometimes"}}, 400, "tool_choice"),
+    ("tool of unknown type", CHAT, {"json": {"messages": USER, "tools": [{"type": "retrieval"}]}}, 400, "tools.0.type"),
+    ("tool name with spaces", CHAT, {"json": {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "get weather"}}]}}, 400, "tools.0.function.name"),
+    ("tool with bad parameters schema", CHAT, {"json": {"messages": USER, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}}, 400, "tool_choice"),
+    ("tool message without tool_call_id", CHAT, {"json": {"messages": [
+        *USER, {"role": "tool", "content": "42"}]}}, 400, "messages.1"),
+    ("assistant message without content or calls", CHAT, {"json": {"messages": [
+        *USER, {"role": "assistant", "content": None}]}}, 400, "messages.1"),
+    ("json format and required tools", CHAT, {"json": {"messages": USER, "response_format": {"type": "json_object"},
+                                                       "tools": [{"type": "function", "function": {"name": "f"}}],
+                                                       "tool_choice": "required"}}, 400, "tool_choice"),
     ("tokenize needs one input", "/tokenize", {"json": {}}, 400, None),
     ("detokenize out of vocab", "/detokenize", {"json": {"tokens": [10**9]}}, 400, "tokens"),
     ("body over the limit", C, {"content": b'{"prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}', "headers": JSON},
@@ -121,4 +157,4 @@ def test_plain_text_format_and_no_tools_are_accepted():
     from server.protocol import ChatCompletionRequest
 
     request = ChatCompletionRequest(messages=USER, tools=[], response_format={"type": "text"})
-    assert request.tools == [] and request.response_format == {"type": "text"}
+    assert request.tools == [] and request.response_format.type == "text"
