@@ -35,13 +35,16 @@ def _prefill_logits(model, token_ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(torch.tensor(token_ids), torch.arange(n), meta))
 
 
-def test_logits_match_transformers(tiny_model):
-    _, folder, hf_model = tiny_model
+def assert_logits_match_transformers(folder, hf_model) -> None:
     ours = load_model(folder, AutoConfig.from_pretrained(folder), torch.float32, "cpu")
     for prompt in PROMPTS:
         with torch.inference_mode():
             expected = hf_model(torch.tensor([prompt])).logits[0]
         torch.testing.assert_close(_prefill_logits(ours, prompt), expected, atol=1e-4, rtol=0)
+
+
+def test_logits_match_transformers(tiny_model):
+    assert_logits_match_transformers(*tiny_model[1:])
 
 
 def test_greedy_continuations_match_transformers(tiny_model):

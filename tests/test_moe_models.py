@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from test_engine import hf_greedy
-from test_models import PROMPTS, _prefill_logits
+from test_models import assert_logits_match_transformers
 from transformers import AutoConfig
 
 from inference import LLM, SamplingParams
@@ -32,12 +32,7 @@ def test_layers_follow_the_families_sparse_layout(tiny_moe_model):
 
 
 def test_logits_match_transformers(tiny_moe_model):
-    _, folder, hf_model = tiny_moe_model
-    ours = load_model(folder, AutoConfig.from_pretrained(folder), torch.float32, "cpu")
-    for prompt in PROMPTS:
-        with torch.inference_mode():
-            expected = hf_model(torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(_prefill_logits(ours, prompt), expected, atol=1e-4, rtol=0)
+    assert_logits_match_transformers(*tiny_moe_model[1:])
 
 
 def test_mixed_batch_with_chunked_prefill_matches_transformers(tiny_moe_model):
