@@ -5,6 +5,11 @@ and new requests with 503, lets in-flight requests finish for up to
 --shutdown-timeout seconds, stops the engine-core process, then exits 0. A
 second signal stops at once. The core process ignores these signals (Ctrl+C
 reaches the whole process group): only this process decides when it stops.
+
+If the engine core dies (a crash, or a tensor-parallel rank that died), the
+open requests fail at once and /health answers 503; DEAD_ENGINE_EXIT_S later
+the server exits 1 by itself, so that its supervisor (the kubelet, systemd)
+restarts it rather than leaving a server that can only refuse.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # After the drain, how long uvicorn may take to flush responses and close connections.
 CLOSE_TIMEOUT_S = 5
+# After the engine died: time for the failed streams to flush and for probes to see the 503.
+DEAD_ENGINE_EXIT_S = 5
 
 
 class DrainingServer(uvicorn.Server):
@@ -32,6 +39,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.drain_deadline: float | None = None
+        self.dead_since: float | None = None
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -53,6 +61,14 @@ class DrainingServer(uvicorn.Server):
             logger.error("the engine failed to start; exiting")
             self.exit_code = 1
             self.should_exit = True
+        elif engine is not None and not engine.is_alive and not self.should_exit:
+            now = time.monotonic()
+            if self.dead_since is None:
+                self.dead_since = now
+                logger.error("the engine core died; exiting in %d s", DEAD_ENGINE_EXIT_S)
+            elif now - self.dead_since >= DEAD_ENGINE_EXIT_S:
+                self.exit_code = 1
+                self.should_exit = True
         return await super().on_tick(counter)
 
 

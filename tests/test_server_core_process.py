@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import time
 
 import pytest
@@ -31,7 +30,7 @@ def _core_pid(server) -> int:
     return core_pid
 
 
-def test_killed_core_gives_503_fails_open_streams_and_exits_cleanly():
+def test_killed_core_gives_503_fails_open_streams_and_exits_1():
     server = start_server("--max-model-len", "256", "--num-kv-blocks", "64", "--shutdown-timeout", "10")
     try:
         children_pids = children(server.process.pid)
@@ -43,8 +42,8 @@ def test_killed_core_gives_503_fails_open_streams_and_exits_cleanly():
         with server.client() as client:
             refused = client.post(C, json={"prompt": "Anyone?", "max_tokens": 2})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=20) == 0, server.log_tail()
+        # It then exits 1 by itself, for its supervisor to restart it.
+        assert server.process.wait(timeout=30) == 1, server.log_tail()
         wait_gone(children_pids, timeout=5)
     finally:
         server.stop()

@@ -2,8 +2,9 @@
 
 The official `openai` client gets the offline TP=1 engine's greedy text for
 completions, and chat answers whole and streamed alike. Killing one rank's
-process turns /health to 503 within 5 s and fails the open stream; SIGTERM
-then exits 0. SIGTERM on a healthy server drains the open stream and exits 0.
+process turns /health to 503 within 5 s and fails the open stream; the
+server then exits 1 by itself. SIGTERM on a healthy server drains the open
+stream and exits 0.
 Neither leaves a process behind: not the core, not a rank.
 """
 
@@ -84,8 +85,7 @@ def test_killed_rank_gives_503_within_5s_and_leaves_nothing(model_dir):
         assert waited < 5.0
         wait_gone([core_pid, *ranks], timeout=5)
         assert "tensor-parallel rank 1 exited with code -9" in server.log_tail(20000)
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=20) == 0, server.log_tail()
+        assert server.process.wait(timeout=30) == 1, server.log_tail()  # by itself, for a restart
     finally:
         server.stop()
 
