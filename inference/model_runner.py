@@ -121,8 +121,7 @@ class ModelRunner:
     def _memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated()
-        tensors = [*self.model.parameters(), *(t for kv in self.kv_caches for t in kv)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.weight_bytes + self.kv_cache_bytes
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any."""

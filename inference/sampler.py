@@ -2,9 +2,10 @@
 
 Order of operations, as in vLLM: logprobs are taken from the raw model
 logits; then the grammar bitmask of structured rows (on a copy, and only on
-those rows, so the other rows' logits stay bit-identical), logit_bias and the min_tokens ban on stop tokens, repetition /
-presence / frequency penalties; then greedy rows take the argmax, and random
-rows are scaled by temperature, cut by min-p, top-k and top-p, and sampled.
+those rows, so the other rows' logits stay bit-identical), logit_bias and
+the min_tokens ban on stop tokens, repetition / presence / frequency
+penalties; then greedy rows take the argmax, and random rows are scaled by
+temperature, cut by min-p, top-k and top-p, and sampled.
 
 Invariants:
 - Every choice of which transforms run is made on the host from the

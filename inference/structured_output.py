@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -60,7 +61,13 @@ def _grammar(kind: str, spec: str) -> xgr.Grammar:
 
 def check_structured_outputs(params: StructuredOutputsParams) -> None:
     """Raise ValueError naming what is wrong if the spec cannot compile."""
-    kind, spec = params.key
+    _check_spec(*params.key)
+
+
+# Apps send the same few schemas again and again: a spec that passed once is
+# not parsed again (a failing one raises, and lru_cache keeps no exceptions).
+@functools.lru_cache(maxsize=MAX_CACHED_GRAMMARS)
+def _check_spec(kind: str, spec: str) -> None:
     if kind == "json":
         try:
             schema = json.loads(spec)
