@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model browser test serve bench clean
+.PHONY: install model cpu-kernels browser test serve bench clean
 
 $(VENV)/.torch-stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(VENV)/.install-stamp
 model: install
 	$(VENV)/bin/pagedinfer prepare-model
 
+# The C++ CPU kernels (kernels/cpu/ops.cpp), compiled once into torch's
+# extension cache (about a minute); later runs only load them. Without a
+# compiler the engine falls back to the torch references (tests/test_cpu_kernels.py fails).
+cpu-kernels: install
+	$(PY) -m kernels.cpu_ops || echo "CPU kernels not built: the engine will use the torch reference ops"
+
 # The console tests drive Debian's chromium (browser downloads are impossible
 # here); CI runs as root and gets it from apt when it is missing.
 browser:
@@ -32,10 +38,10 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
-test: model browser
+test: model cpu-kernels browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-serve: model
+serve: model cpu-kernels
 	$(VENV)/bin/pagedinfer serve --host $(HOST) --port $(PORT)
 
 clean:

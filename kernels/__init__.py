@@ -146,6 +146,19 @@ def _use_triton(device: torch.device) -> bool:
     return os.environ.get(INTERPRET_ENV) == "1"
 
 
+def cpu_kernels() -> str:
+    """Which CPU ops this process runs (building the C++ ones on first use): "C++" or "torch reference"."""
+    return "C++" if _cpu() is not reference else "torch reference"
+
+
+@functools.cache
+def _cpu() -> ModuleType:
+    """The C++ CPU kernels where they build, else the torch references (same signatures)."""
+    from kernels import cpu_ops
+
+    return cpu_ops if cpu_ops.available() else reference
+
+
 def interpreter_active() -> bool:
     """True when Triton is (or will be) imported in interpreter mode in this process."""
     if "triton" not in sys.modules:
@@ -177,7 +190,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     if not _use_triton(key_cache.device):
-        return reference.store_kv(key, value, key_cache, value_cache, slot_mapping)
+        return _cpu().store_kv(key, value, key_cache, value_cache, slot_mapping)
     _import_kernel("kv_store", key_cache.device).store_kv(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -195,7 +208,7 @@ def paged_attention(
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not _use_triton(query.device):
-        return reference.paged_attention(
+        return _cpu().paged_attention(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
             max_query_len, max_seq_len, scale, out, workspace,
         )
@@ -226,7 +239,7 @@ def decode_workspace_numel(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     if not _use_triton(x.device):
-        return reference.rms_norm(x, weight, eps, out)
+        return _cpu().rms_norm(x, weight, eps, out)
     return _import_kernel("rmsnorm", x.device).rms_norm(x, weight, eps, out)
 
 
@@ -234,7 +247,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not _use_triton(x.device):
-        return reference.fused_add_rms_norm(x, residual, weight, eps)
+        return _cpu().fused_add_rms_norm(x, residual, weight, eps)
     return _import_kernel("rmsnorm", x.device).fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -242,13 +255,13 @@ def apply_rotary_embedding(
     query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
     if not _use_triton(query.device):
-        return reference.apply_rotary_embedding(query, key, positions, cos_sin_cache)
+        return _cpu().apply_rotary_embedding(query, key, positions, cos_sin_cache)
     _import_kernel("rotary", query.device).apply_rotary_embedding(query, key, positions, cos_sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not _use_triton(x.device):
-        return reference.silu_and_mul(x)
+        return _cpu().silu_and_mul(x)
     return _import_kernel("activation", x.device).silu_and_mul(x)
 
 

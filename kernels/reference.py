@@ -106,6 +106,30 @@ def paged_attention(
         o = F.scaled_dot_product_attention(grouped[token_idx], k, v, attn_mask=mask[:, None, None, :], scale=scale)
         out[token_idx] = o.reshape(len(rows_list), num_heads, head_dim)
 
+    attend_prompt_rows(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    return out
+
+
+def attend_prompt_rows(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """`paged_attention` for the requests with more than one query token (the
+    prompt chunks), one causal SDPA call each; other rows of `out` are left as
+    they are."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    grouped = query.view(num_tokens, num_kv_heads, group, head_dim)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
     for r, n in enumerate(query_lens):
         if n <= 1:
             continue
@@ -119,7 +143,6 @@ def paged_attention(
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
         o = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
         out[start : start + n] = o.reshape(n, num_heads, head_dim)
-    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
