@@ -43,6 +43,10 @@ class Workload:
     shared_prefix_len: int = 0
     seed: int = 0
     output_range_ratio: float | None = None  # None: same as range_ratio
+    # sharegpt only: the clamps of the lognormal lengths
+    max_input_len: int = 1024
+    min_output_len: int = 4
+    max_output_len: int = 1024
 
 
 def default_model() -> str:
@@ -61,7 +65,7 @@ def uniform_lengths(n: int, mean: int, range_ratio: float, rng: np.random.Genera
 
 
 def sharegpt_like_lengths(
-    n: int, rng: np.random.Generator, max_input: int = 1024, max_output: int = 1024
+    n: int, rng: np.random.Generator, max_input: int = 1024, max_output: int = 1024, min_output: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """Input/output lengths shaped like ShareGPT conversations, made locally.
 
@@ -71,7 +75,7 @@ def sharegpt_like_lengths(
     """
     inputs = rng.lognormal(mean=np.log(110), sigma=1.2, size=n)
     outputs = rng.lognormal(mean=np.log(150), sigma=1.0, size=n)
-    return np.clip(inputs, 4, max_input).astype(int), np.clip(outputs, 4, max_output).astype(int)
+    return np.clip(inputs, 4, max_input).astype(int), np.clip(outputs, min_output, max_output).astype(int)
 
 
 def _random_ids(n: int, low: int, vocab_size: int, rng: np.random.Generator) -> list[int]:
@@ -91,7 +95,9 @@ def build_requests(workload: Workload, vocab_size: int, tokenizer=None, as_text:
         out_ratio = workload.range_ratio if workload.output_range_ratio is None else workload.output_range_ratio
         output_lens = uniform_lengths(n, workload.output_len, out_ratio, rng)
     elif workload.dataset == "sharegpt":
-        input_lens, output_lens = sharegpt_like_lengths(n, rng)
+        input_lens, output_lens = sharegpt_like_lengths(
+            n, rng, workload.max_input_len, workload.max_output_len, workload.min_output_len
+        )
     else:
         raise ValueError(f"dataset must be one of {DATASETS}, got {workload.dataset!r}")
     low = min(1000, vocab_size // 4)
@@ -139,6 +145,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                         help="the same for output lengths only (default: --range-ratio)")
     parser.add_argument("--shared-prefix-len", type=int, default=0,
                         help="every prompt starts with the same N random tokens")
+    parser.add_argument("--max-input-len", type=int, default=1024, help="sharegpt: longest prompt")
+    parser.add_argument("--min-output-len", type=int, default=4, help="sharegpt: shortest output")
+    parser.add_argument("--max-output-len", type=int, default=1024, help="sharegpt: longest output")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -146,7 +155,8 @@ def workload_from_args(args: argparse.Namespace, num_prompts: int | None = None)
     return Workload(
         dataset=args.dataset, num_prompts=num_prompts or args.num_prompts or 0, input_len=args.input_len,
         output_len=args.output_len, range_ratio=args.range_ratio, shared_prefix_len=args.shared_prefix_len,
-        seed=args.seed, output_range_ratio=args.output_range_ratio,
+        seed=args.seed, output_range_ratio=args.output_range_ratio, max_input_len=args.max_input_len,
+        min_output_len=args.min_output_len, max_output_len=args.max_output_len,
     )
 
 

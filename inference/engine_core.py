@@ -65,6 +65,7 @@ def _eos_token_ids(folder: str) -> tuple[int, ...]:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        logger.info("%s", config.describe_dtype())
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(config.model)

