@@ -85,7 +85,13 @@ def free_port() -> int:
 
 
 def start_server(*args: str) -> ServerProcess:
-    """Start `pagedinfer serve` on a free port and wait for /ready."""
+    """Start `pagedinfer serve` on a free port and wait for /ready.
+
+    float32 unless the args say otherwise: tests compare the server's greedy
+    tokens with offline runs and transformers, which a bfloat16 default (on a
+    CPU with native bf16) would make batch-dependent."""
+    if "--dtype" not in args:
+        args = ("--dtype", "float32", *args)
     port = free_port()
     api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
     log = tempfile.NamedTemporaryFile(prefix="pagedinfer-serve-", suffix=".log", delete=False)

@@ -24,7 +24,7 @@ def client():
 def llm():
     from inference import LLM
 
-    return LLM(model=None, max_model_len=256, num_kv_blocks=64)
+    return LLM(model=None, dtype="float32", max_model_len=256, num_kv_blocks=64)
 
 
 def test_models(client):

@@ -41,7 +41,8 @@ def one_thread():
 
 def _run(folder, prompts, max_tokens: int, tensor_parallel_size: int) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of each sample, and every logits tensor rank 0 computed."""
-    llm = LLM(str(folder), max_model_len=256, num_kv_blocks=96, tensor_parallel_size=tensor_parallel_size)
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, num_kv_blocks=96,
+              tensor_parallel_size=tensor_parallel_size)
     memory = llm.stats().rank_memory_bytes
     assert len(memory) == tensor_parallel_size and len(set(memory)) == 1  # equal shards, equal caches
     model = llm.engine.runner.model

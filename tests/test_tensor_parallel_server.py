@@ -59,7 +59,7 @@ def _core_and_ranks(server) -> tuple[int, list[int]]:
 def test_openai_client_completions_chat_and_streaming(server, model_dir):
     from inference import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), max_model_len=256, num_kv_blocks=64)
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
     expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
     model = model_dir.name
