@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: pagedinfer's default flags, and the dtype it picks here for the peers")
     parser.add_argument("--concurrency", default="1,16,48")
+    parser.add_argument("--pagedinfer-args", default="",
+                        help="extra `pagedinfer serve` flags (tuning runs), e.g. '--max-num-batched-tokens 1024'")
     add_workload_args(parser)
     # The CPU serving workload: ShareGPT-like prompts up to 600 tokens, 32-256 output tokens.
     parser.set_defaults(dataset="sharegpt", max_input_len=600, min_output_len=32, max_output_len=256)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_dtype = args.dtype if args.dtype != "auto" else auto_dtype("cpu")[0]
     results = []
     for name in args.peers.split(","):
-        peer = make_peer(name, model, args.dtype, free_port(), max_seqs, max_len)
+        peer = make_peer(name, model, args.dtype, free_port(), max_seqs, max_len, shlex.split(args.pagedinfer_args))
         print(f"[compare] {name}: {peer.missing or 'starting'}", flush=True)
         results.append(run_peer(peer, cfg, levels, level_reqs, parse_slo(args.slo), out_dir / f"logs-{stamp}",
                                 model, floor_dtype, args.startup_timeout))

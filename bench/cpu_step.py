@@ -49,7 +49,7 @@ def measure(model: str, dtype: str, batch: int, steps: int, profile_steps: int, 
     workload = Workload(dataset="sharegpt", num_prompts=batch, max_input_len=600, seed=batch)
     total = steps + profile_steps + 8
     for i, request in enumerate(build_requests(workload, engine.core.vocab_size)):
-        engine.add_request(str(i), request.prompt_ids, SamplingParams(max_tokens=total, ignore_eos=True))
+        engine.add_request(str(i), request.prompt_ids, SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True))
     # Step until every prompt is in: the steps measured below are decode-only.
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()

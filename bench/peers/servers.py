@@ -49,7 +49,8 @@ def display(text: str) -> str:
     return text.replace(str(Path.home()), "~")
 
 
-def make_peer(name: str, model: str, dtype: str, port: int, max_seqs: int, max_len: int) -> Peer:
+def make_peer(name: str, model: str, dtype: str, port: int, max_seqs: int, max_len: int,
+              pagedinfer_args: list[str] | None = None) -> Peer:
     """`dtype` "auto": pagedinfer runs with its default flags (it picks the
     dtype, and its default KV budget is KV_CACHE_GIB); the peers get the dtype
     it picks on this machine, so both compute in the same one."""
@@ -60,6 +61,7 @@ def make_peer(name: str, model: str, dtype: str, port: int, max_seqs: int, max_l
             command += ["--dtype", dtype]
         if max_seqs > PAGEDINFER_CPU_MAX_SEQS:
             command += ["--max-num-seqs", str(max_seqs)]
+        command += pagedinfer_args or []
         if name == "pagedinfer-no-prefix-cache":
             command.append("--no-enable-prefix-caching")
         return Peer(name, command + common, "/ready")
