@@ -98,6 +98,11 @@ class ModelRunner:
             logger.info("CPU ops: %s", kernels.cpu_kernels())
         self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.device.type == "cpu":
+            packed = self.model.pack_cpu_weights()
+            if packed:
+                logger.info("oneDNN-packed weight copies for decode-size batches: %.0f MiB", packed / 2**20)
+            self.weight_bytes += packed
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)
         self.kv_caches = self._allocate_kv_cache()

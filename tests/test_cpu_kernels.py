@@ -191,3 +191,18 @@ def test_silu_and_mul(dtype: torch.dtype, intermediate: int) -> None:
 
 def test_dispatch_takes_the_cpu_kernels() -> None:
     assert kernels._cpu() is cpu_ops
+
+
+@pytest.mark.parametrize("num_rows", [1, 8, 16, 48, 256, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(num_rows: int, bias: bool) -> None:
+    from kernels import cpu_linear
+
+    weight = _randn(1536, 576, dtype=torch.float32, seed=10) * 0.05
+    b = _randn(1536, dtype=torch.float32, seed=11) if bias else None
+    packed = cpu_linear.pack_weight(weight)
+    assert packed is not None or not torch.backends.mkldnn.is_available()
+    x = _randn(num_rows, 576, dtype=torch.float32, seed=12)
+    out = cpu_linear.linear(x, weight, b, packed)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+    assert cpu_linear.pack_weight(weight.to(torch.bfloat16)) is None, "only float32 weights are packed"

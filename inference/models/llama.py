@@ -25,13 +25,15 @@ a CUDA graph); the only branch is on whether a residual exists yet.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from inference.attention import AttentionMetadata, paged_attention
 from inference.parallel import group
-from inference.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_heads
+from inference.parallel.layers import (
+    ColumnParallelLinear, PackableLinear, RowParallelLinear, VocabParallelEmbedding, shard_heads,
+)
+from kernels import cpu_linear
 
 
 class RMSNorm(nn.Module):
@@ -197,6 +199,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None if self.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
+        self.lm_head_packed: torch.Tensor | None = None  # set by pack_cpu_weights
 
     def make_mlp(self, config, layer_id: int) -> nn.Module:
         """The feed-forward block of layer `layer_id`: the hook the mixture-of-experts families override."""
@@ -212,4 +215,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return group.gather_vocab(F.linear(hidden, weight), self.config.vocab_size)
+        logits = cpu_linear.linear(hidden, weight, None, self.lm_head_packed)
+        return group.gather_vocab(logits, self.config.vocab_size)
+
+    def pack_cpu_weights(self) -> int:
+        """oneDNN-packed copies of every linear weight and the LM head where
+        the device and dtype allow (`kernels/cpu_linear.py`); the bytes added."""
+        added = sum(m.pack() for m in self.modules() if isinstance(m, PackableLinear))
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.lm_head_packed = cpu_linear.pack_weight(weight)
+        if self.lm_head_packed is not None:
+            added += weight.numel() * weight.element_size()
+        return added

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.parallel import group
+from kernels import cpu_linear
 
 
 @dataclass(slots=True)
@@ -63,7 +64,22 @@ def check_tensor_parallel(hf_config, size: int) -> None:
         )
 
 
-class ColumnParallelLinear(nn.Linear):
+class PackableLinear(nn.Linear):
+    """nn.Linear that runs on a oneDNN-packed copy of its weight once `pack()`
+    made one (the CPU's float32 path; `kernels/cpu_linear.py`)."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self) -> int:
+        """Pack the weight if this device and dtype allow it; the bytes it added."""
+        self.packed_weight = cpu_linear.pack_weight(self.weight)
+        return 0 if self.packed_weight is None else self.weight.numel() * self.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear(x, self.weight, self.bias, self.packed_weight)
+
+
+class ColumnParallelLinear(PackableLinear):
     """Fused output parts, each `(start, size)`: rows start..start+size of its checkpoint tensor."""
 
     def __init__(self, in_features: int, parts: list[tuple[int, int]], bias: bool) -> None:
@@ -75,7 +91,7 @@ class ColumnParallelLinear(nn.Linear):
         return 0, start, num_rows
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(PackableLinear):
     """Input columns input_start..input_start+in_features of the checkpoint
     tensor; the outputs of all ranks are summed (so no bias: it would be
     added N times)."""
