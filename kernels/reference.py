@@ -63,6 +63,21 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens:
     return flat[:, :num_tokens].transpose(1, 2)
 
 
+def _grouped_batch(
+    query: torch.Tensor, key_cache: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor
+) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """(query as [tokens, kv_heads, group, dim], query starts, seq_lens, query lengths) on the host."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    # Query heads h*group .. h*group+group-1 share KV head h. Folding the group
+    # into the query-row dim lets SDPA read each KV head once instead of
+    # expanding K and V `group` times.
+    grouped = query.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    starts = query_start_loc.tolist()
+    query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    return grouped, starts, seq_lens.tolist(), query_lens
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -78,16 +93,8 @@ def paged_attention(
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(query)
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    # Query heads h*group .. h*group+group-1 share KV head h. Folding the group
-    # into the query-row dim lets SDPA read each KV head once instead of
-    # expanding K and V `group` times.
-    grouped = query.view(num_tokens, num_kv_heads, group, head_dim)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    num_heads, head_dim = query.shape[1:]
+    grouped, _, lens, query_lens = _grouped_batch(query, key_cache, seq_lens, query_start_loc)
 
     # Decode rows (one query token) are batched into padded SDPA calls: on the
     # CPU the per-call overhead dominates small decodes. Rows are sorted by
@@ -123,13 +130,10 @@ def attend_prompt_rows(
     """`paged_attention` for the requests with more than one query token (the
     prompt chunks), one causal SDPA call each; other rows of `out` are left as
     they are."""
-    num_tokens, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
-    grouped = query.view(num_tokens, num_kv_heads, group, head_dim)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    grouped, starts, lens, query_lens = _grouped_batch(query, key_cache, seq_lens, query_start_loc)
     for r, n in enumerate(query_lens):
         if n <= 1:
             continue

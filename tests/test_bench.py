@@ -46,6 +46,8 @@ def test_lengths_follow_the_range_rule():
     again = common.sharegpt_like_lengths(100, np.random.default_rng(1))
     assert all((a == b).all() for a, b in zip(first, again))
     assert first[0].min() >= 4 and first[0].max() <= 1024
+    inputs, outputs = common.sharegpt_like_lengths(200, np.random.default_rng(2), 600, 256, 32)
+    assert inputs.max() <= 600 and outputs.min() >= 32 and outputs.max() <= 256
 
 
 def test_requests_share_a_prefix_and_keep_their_length(tiny_folder):
@@ -155,7 +157,7 @@ def test_compare_table_ratios_and_plot_links(tmp_path):
     def run(level: int, tok_s: float) -> dict:
         return {"max_concurrency": level, "label": f"c={level}", "raw": {"ttft_s": [0.1], "tpot_s": [0.01],
                 "e2e_s": [0.2]}, "metrics": {"completed": 4, "failed": 0, "output_throughput": tok_s,
-                "ttft_ms": {"median": 100.0}, "tpot_ms": {"median": 10.0}}}
+                "ttft_ms": {"median": 100.0}, "tpot_ms": {"median": 10.0}, "itl_ms": {"median": 9.0}}}
 
     results = [
         compare.PeerResult("pagedinfer", "ok", "python -m server.cli serve", 1.0, [run(1, 40.0), run(16, 300.0)]),
@@ -165,7 +167,7 @@ def test_compare_table_ratios_and_plot_links(tmp_path):
     tables = compare.format_tables(results, [1, 16])
     assert "| vllm | ok | 20.0 (2.00x) | 600.0 (0.50x) |" in tables
     assert "| llama.cpp | failed to start: exited with code 1 | – | – |" in tables
-    assert "| pagedinfer | 100 / 10.0 | 100 / 10.0 |" in tables
+    assert "| pagedinfer | 100 / 10.0 / 9.0 | 100 / 10.0 / 9.0 |" in tables
     plot = tmp_path / "plots" / "compare-scaling.png"
     common.plot_scaling({r.name: r.runs for r in results if r.runs}, plot)
     report = {"date": "today", "commit": "abc", "command": "python -m bench.compare", "dtype": "bfloat16",
@@ -175,6 +177,9 @@ def test_compare_table_ratios_and_plot_links(tmp_path):
               "peers": [{"name": r.name, "command": r.command, "status": r.status} for r in results]}
     section = compare.results_section(report, tables, [plot], tmp_path / "RESULTS.md")
     assert "![compare-scaling](plots/compare-scaling.png)" in section
+    assert "random prompts of 256 tokens" in section
+    sharegpt = {"dataset": "sharegpt", "max_input_len": 600, "min_output_len": 32, "max_output_len": 256}
+    assert "prompts up to 600 tokens, 32-256 output tokens" in compare.workload_text(sharegpt)
     assert "  - llama.cpp: failed to start" in section and plot.stat().st_size > 0
     assert servers.display(f"{REPO}/bench/x {Path.home()}/m") == "bench/x ~/m"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,11 +37,18 @@ def test_this_machine_gets_what_its_flags_say(tiny_llama_dir):
     assert pinned.describe_dtype() == "dtype float32 on cpu: asked for"
 
 
-def test_serve_logs_the_choice(tiny_llama_dir):
+def test_serve_logs_the_choice_and_answers_at_once_when_ready(tiny_llama_dir):
     dtype, reason = auto_dtype("cpu")
     server = start_server("--model", str(tiny_llama_dir), "--dtype", "auto", "--num-kv-blocks", "16")
     try:
-        assert f"dtype {dtype} on cpu: {reason}" in server.log_tail(100_000)
+        log = server.log_tail(100_000)
+        assert f"dtype {dtype} on cpu: {reason}" in log
+        assert "CPU ops: C++" in log
+        # Everything is built and warmed before /ready: the first request is quick.
+        start = time.monotonic()
+        with server.client() as client:
+            reply = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        assert reply.status_code == 200 and time.monotonic() - start < 10
     finally:
         server.stop()
 

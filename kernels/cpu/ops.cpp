@@ -189,25 +189,30 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
       const int64_t token = starts[r] + j;
       const int64_t num_keys = lens[r] - query_len + j + 1;  // positions 0..pos
       const int32_t* table = tables + r * table_stride;
+      // fn(row, position, query head) for every cached row of this item's KV
+      // heads, block by block (no division per row: a 64-bit idiv costs more
+      // than the row's dot products), once per query head of the row's KV head.
+      auto for_each_row = [&](const T* base, int64_t blk, int64_t row_stride, int64_t head_stride, auto&& fn) {
+        for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
+          const T* block = base + table[b] * blk + first_kv_head * head_stride;
+          const int64_t rows = std::min(block_size, num_keys - first);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t kv = 0, h = 0; kv < heads_per_item; ++kv) {
+              const T* row = block + i * row_stride + kv * head_stride;
+              for (int64_t g = 0; g < group; ++g, ++h) fn(row, first + i, h);
+            }
+          }
+        }
+      };
       for (int64_t h = 0; h < heads; ++h) {
         const T* src = q_base + token * q_tok + (first_head + h) * q_head;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] = static_cast<float>(src[d]) * fscale;
       }
-      // Keys block by block (no division per row: a 64-bit idiv costs more
-      // than the row's dot products), each row once for its query heads.
-      for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
-        const T* k_block = k_base + table[b] * k_blk + first_kv_head * k_head;
-        const int64_t rows = std::min(block_size, num_keys - first);
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t kv = 0, h = 0; kv < heads_per_item; ++kv) {
-            const T* __restrict__ k = k_block + i * k_row + kv * k_head;
-            for (int64_t g = 0; g < group; ++g, ++h) {
-              scores[h * max_seq_len + first + i] = dot_row(q + h * head_dim, k, head_dim);
-            }
-          }
-        }
-      }
+      // Each K row once, for the query heads of its KV head.
+      for_each_row(k_base, k_blk, k_row, k_head, [&](const T* __restrict__ k, int64_t t, int64_t h) {
+        scores[h * max_seq_len + t] = dot_row(q + h * head_dim, k, head_dim);
+      });
       for (int64_t h = 0; h < heads; ++h) {
         float* s = scores + h * max_seq_len;
         float m = -INFINITY;
@@ -221,18 +226,9 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
         inv_sum[h] = 1.0f / sum;
       }
       std::fill(acc, acc + heads * head_dim, 0.0f);
-      for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
-        const T* v_block = v_base + table[b] * v_blk + first_kv_head * v_head;
-        const int64_t rows = std::min(block_size, num_keys - first);
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t kv = 0, h = 0; kv < heads_per_item; ++kv) {
-            const T* __restrict__ v = v_block + i * v_row + kv * v_head;
-            for (int64_t g = 0; g < group; ++g, ++h) {
-              axpy_row(scores[h * max_seq_len + first + i], v, acc + h * head_dim, head_dim);
-            }
-          }
-        }
-      }
+      for_each_row(v_base, v_blk, v_row, v_head, [&](const T* __restrict__ v, int64_t t, int64_t h) {
+        axpy_row(scores[h * max_seq_len + t], v, acc + h * head_dim, head_dim);
+      });
       for (int64_t h = 0; h < heads; ++h) {
         const float inv = inv_sum[h];
         T* o = o_base + token * o_tok + (first_head + h) * o_head;
