@@ -7,11 +7,8 @@ Hugging Face config and the device.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 # "dummy": random weights built on the device, no weight files read (benchmarks

@@ -288,7 +288,7 @@ def test_dispatch_routes_to_kernels(device: str, dtype: torch.dtype, monkeypatch
     assert called == ["decode_attention", "prefill_attention"]
 
 
-def test_cpu_uses_reference_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_takes_no_triton_path_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.INTERPRET_ENV, raising=False)
 
     def fail(*args: object, **kwargs: object) -> None:
