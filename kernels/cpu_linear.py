@@ -27,14 +27,10 @@ MIN_ROWS, MAX_ROWS = 8, 256
 _PACK_BATCH_HINT = 64
 
 
-def packing_supported(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available())
-
-
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a `[out, in]` float32 CPU weight, or None where it does not apply."""
-    if not packing_supported(weight):
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available()):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 

@@ -12,6 +12,8 @@
 // - Attention reads K/V rows of positions < seq_len only, through block ids of
 //   `block_tables` (never a -1 entry), and writes only the output rows of the
 //   requests it handles: those with a query length <= `max_rows_query_len`.
+// - Lengths, block ids, slots and positions are checked before they become
+//   addresses: a bad one raises instead of reading another request's memory.
 // - Work is split with at::parallel_for over (request, token, KV heads) or rows, so the
 //   torch thread count (`torch.set_num_threads`) governs every op here too.
 
