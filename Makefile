@@ -25,7 +25,7 @@ install: $(VENV)/.install-stamp
 model: install
 	$(VENV)/bin/pagedinfer prepare-model
 
-# The C++ CPU kernels (kernels/cpu/ops.cpp), compiled once into torch's
+# The C++ CPU kernels (kernels/cpu/), compiled once into torch's
 # extension cache (about a minute); later runs only load them. Without a
 # compiler the engine falls back to the torch references (tests/test_cpu_kernels.py fails).
 cpu-kernels: install

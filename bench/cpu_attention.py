@@ -9,7 +9,7 @@ Routes, each from the KV layout `[num_blocks, block_size, num_kv_heads, head_dim
   request at a time (no full gather, but a dozen ops per block column);
 - `torch.compile`: Inductor's C++ backend on a gather + masked softmax written
   in torch, dynamic shapes (its compile time is printed apart);
-- `c++`: `kernels/cpu/ops.cpp`, reading K/V through the block table.
+- `c++`: `kernels/cpu/attention.cpp`, reading K/V through the block table.
 
 Contexts are ShareGPT-like (lognormal prompt lengths up to 600 plus up to 256
 generated tokens), SmolLM2-135M's heads (9 query, 3 KV, head_dim 64). Every

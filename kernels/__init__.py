@@ -67,7 +67,7 @@ Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 `decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`
 otherwise, which also takes decode rows in a mixed batch; `rmsnorm.py`,
 `rotary.py`, `activation.py` for the layer kernels; `moe.py`). CPU tensors run
-the C++ CPU kernels (`cpu_ops.py`, `cpu/ops.cpp`: store, attention, norms,
+the C++ CPU kernels (`cpu_ops.py`, `cpu/*.cpp`: store, attention, norms,
 rotary, SiLU-mul) where they build, and the torch references in `reference.py`
 otherwise, for `fused_moe`, or with `PAGEDINFER_CPU_KERNELS=0` (the choice is
 made once per process); with `PAGEDINFER_TRITON_INTERPRET=1` they run the same

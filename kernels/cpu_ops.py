@@ -1,6 +1,6 @@
-"""The engine's CPU kernels (`kernels/cpu/ops.cpp`): build, load and call.
+"""The engine's CPU kernels (`kernels/cpu/*.cpp`): build, load and call.
 
-The C++ source is compiled once per (source, torch version, CPU flags) with
+The C++ sources are compiled once per (sources, torch version, CPU flags) with
 `torch.utils.cpp_extension` into torch's extension cache
 (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), under a
 name that carries a hash of all three: a new source, torch or CPU builds anew,
@@ -37,7 +37,7 @@ from kernels._launch import geometry_key
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "PAGEDINFER_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("cpu") / "ops.cpp"
+SOURCE_DIR = Path(__file__).with_name("cpu")
 # 512-bit vectors: gcc prefers 256 on recent Intel cores unless told.
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 # Attention geometries already checked (see kernels/_launch.py for the key).
@@ -57,7 +57,9 @@ def _cpu_flags() -> str:
 def build_name() -> str:
     """The extension's name: -march=native code must not load on another CPU."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), " ".join(CFLAGS).encode()):
+    for path in sorted(SOURCE_DIR.glob("*.[ch]*")):  # sources and headers
+        digest.update(path.name.encode() + path.read_bytes())
+    for part in (torch.__version__.encode(), _cpu_flags().encode(), " ".join(CFLAGS).encode()):
         digest.update(part)
     return f"pagedinfer_cpu_{digest.hexdigest()[:16]}"
 
@@ -71,8 +73,8 @@ def available() -> bool:
 
     try:
         cpp_extension.load(
-            name=build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-            is_python_module=False, verbose=False,
+            name=build_name(), sources=[str(p) for p in sorted(SOURCE_DIR.glob("*.cpp"))], extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
         )
     except Exception as exc:  # no compiler, headers or OpenMP: the references still work
         logger.warning("CPU kernels unavailable, using the torch reference ops: %s", str(exc).splitlines()[0])

@@ -44,3 +44,24 @@ def test_generate_command_runs_the_engine(tiny_llama_dir, tensor_parallel_size):
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert result.stdout.rstrip("\n") == expected.outputs[0].text
+
+
+def test_wheel_ships_the_cpu_kernel_sources(tmp_path):
+    # They are compiled where they run, so an installed (non-editable) copy,
+    # such as the container's, needs the sources.
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+    src.mkdir()  # a copy: the build writes build/ and egg-info next to its sources
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for package in ("inference", "kernels", "server"):
+        shutil.copytree(root / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("pagedinfer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"kernels/cpu/{p.name}" for p in (root / "kernels" / "cpu").iterdir()}
+    assert expected and expected <= names, sorted(expected - names)

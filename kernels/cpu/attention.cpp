@@ -1,0 +1,351 @@
+// Paged attention on the CPU, reading K/V through the block table (no
+// per-step gather of the context), and the KV store.
+//
+// Layout and semantics are those of `kernels/__init__.py`; `kernels/reference.py`
+// is the oracle the tests compare against. Invariants:
+// - Inputs are read through their strides; only the last dim must be
+//   contiguous (checked by the Python wrappers in `kernels/cpu_ops.py`).
+// - Arithmetic is float32 whatever the storage dtype; the output is rounded once.
+// - Attention reads K/V rows of positions < seq_len only, through block ids of
+//   `block_tables` (never a -1 entry), and writes only the output rows of the
+//   requests it handles: those with a query length <= `max_rows_query_len`.
+// - Lengths, block ids and slots are checked before they become addresses: a
+//   bad one raises instead of reading another request's memory.
+// - Work is split with at::parallel_for over (request, token, KV heads), so
+//   the torch thread count governs it.
+//
+// Decode attention is bound by reading the cache, so the inner loops must keep
+// up with memory: each block's rows of a KV head are read once per pass and
+// used for all the query heads sharing it, scores of 16 rows are reduced
+// together (one vector of 16 sums instead of 16 horizontal sums), and the
+// output accumulators stay in registers across a block's rows.
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace pagedinfer_cpu {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 16;
+
+#if defined(__AVX512F__)
+// [sum(v[0]), ..., sum(v[15])]: three levels of pairwise shuffles and adds.
+inline __m512 sum_each(__m512 v[16]) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i) {  // each 128-bit lane: partial sums of two vectors
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // each lane: one partial sum for each of four vectors
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+// scores[g * score_stride + i] = q[g] . k[i] for `rows` <= 16 rows of one KV
+// head and its `group` query heads (q already scaled, float32).
+template <typename T>
+inline void score_rows(const float* __restrict__ q, int64_t group, const T* __restrict__ k, int64_t row_stride,
+                       int64_t rows, int64_t head_dim, float* __restrict__ scores, int64_t score_stride) {
+#if defined(__AVX512F__)
+  if (head_dim % 16 == 0) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * head_dim;
+      __m512 parts[kRowsPerChunk];
+      for (int64_t i = 0; i < kRowsPerChunk; ++i) {
+        __m512 acc = _mm512_setzero_ps();
+        if (i < rows) {
+          for (int64_t d = 0; d < head_dim; d += 16) {
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), load16(k + i * row_stride + d), acc);
+          }
+        }
+        parts[i] = acc;
+      }
+      _mm512_mask_storeu_ps(scores + g * score_stride, static_cast<__mmask16>((1u << rows) - 1), sum_each(parts));
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) sum += q[g * head_dim + d] * static_cast<float>(k[i * row_stride + d]);
+      scores[g * score_stride + i] = sum;
+    }
+  }
+}
+
+// acc[g] += sum_i weights[g * weight_stride + i] * v[i] over `rows` rows of one
+// KV head, for its `group` query heads.
+template <typename T, int64_t HD>
+inline void accumulate_rows(const float* __restrict__ weights, int64_t weight_stride, int64_t group,
+                            const T* __restrict__ v, int64_t row_stride, int64_t rows, int64_t head_dim,
+                            float* __restrict__ acc) {
+#if defined(__AVX512F__)
+  if constexpr (HD > 0 && HD % 16 == 0 && HD <= 128) {
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 a[HD / 16];
+      float* ag = acc + g * HD;
+      for (int64_t d = 0; d < HD / 16; ++d) a[d] = _mm512_loadu_ps(ag + 16 * d);
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 w = _mm512_set1_ps(weights[g * weight_stride + i]);
+        for (int64_t d = 0; d < HD / 16; ++d) a[d] = _mm512_fmadd_ps(w, load16(v + i * row_stride + 16 * d), a[d]);
+      }
+      for (int64_t d = 0; d < HD / 16; ++d) _mm512_storeu_ps(ag + 16 * d, a[d]);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const float w = weights[g * weight_stride + i];
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) acc[g * head_dim + d] += w * static_cast<float>(v[i * row_stride + d]);
+    }
+  }
+}
+
+// s[t] = exp(s[t] - max(s)) for t < n; returns their sum.
+inline float exp_minus_max(float* __restrict__ s, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, s + t));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), m));
+    _mm512_mask_storeu_ps(s + t, mask, e);
+    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float m = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = fast_exp(s[t] - m);
+    sum += s[t];
+  }
+  return sum;
+#endif
+}
+
+// Starts loading the `rows` rows of a block that the loop reads next: blocks
+// are scattered, so the hardware prefetcher only finds a block after its
+// first misses.
+inline void prefetch_rows(const void* first_row, int64_t rows, int64_t row_bytes, int64_t span_bytes) {
+  const char* p = static_cast<const char*>(first_row);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t off = 0; off < span_bytes; off += 64) _mm_prefetch(p + i * row_bytes + off, _MM_HINT_T0);
+  }
+}
+
+// One (request, query token, KV heads) at a time: the query token at absolute
+// position `pos` sees keys 0..pos. Two passes over the cached rows, block by
+// block: K rows give the scores of every query head, then (after a softmax
+// per head) V rows are summed with those weights. HD > 0 fixes head_dim at
+// compile time, so the row loops unroll into whole vector registers; HD == 0
+// serves any other head_dim.
+template <typename T, int64_t HD>
+void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            const at::Tensor& query_start_loc, int64_t max_seq_len, double scale,
+                            int64_t max_rows_query_len, at::Tensor& out) {
+  const int64_t num_reqs = seq_lens.size(0);
+  const int64_t num_heads = query.size(1);
+  const int64_t head_dim = HD > 0 ? HD : query.size(2);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const T* q_base = query.data_ptr<T>();
+  const T* k_base = key_cache.data_ptr<T>();
+  const T* v_base = value_cache.data_ptr<T>();
+  T* o_base = out.data_ptr<T>();
+  const int64_t q_tok = query.stride(0), q_head = query.stride(1);
+  const int64_t o_tok = out.stride(0), o_head = out.stride(1);
+  const int64_t k_blk = key_cache.stride(0), k_row = key_cache.stride(1), k_head = key_cache.stride(2);
+  const int64_t v_blk = value_cache.stride(0), v_row = value_cache.stride(1), v_head = value_cache.stride(2);
+  const float fscale = static_cast<float>(scale);
+
+  // Work items: (request, query token, chunk of KV heads), flattened through
+  // a prefix sum over the requests' query lengths. A chunk holds every KV
+  // head when there are enough tokens to share out among the threads (a
+  // block's K or V rows are then read as one contiguous run), else one.
+  int64_t num_tokens = 0;
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    const int64_t n = starts[r + 1] - starts[r];
+    num_tokens += n <= max_rows_query_len ? n : 0;
+  }
+  if (num_tokens == 0) return;
+  const int64_t heads_per_item = num_tokens >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t chunks = num_kv_heads / heads_per_item;
+  std::vector<int64_t> item_start(num_reqs + 1, 0);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    const int64_t n = starts[r + 1] - starts[r];
+    item_start[r + 1] = item_start[r] + (n <= max_rows_query_len ? n * chunks : 0);
+  }
+  const int64_t num_items = item_start[num_reqs];
+  // What the loops below index with, checked once: a bad length or block id
+  // must raise, not read another request's memory.
+  const int64_t num_blocks = key_cache.size(0), max_blocks = block_tables.size(1);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    const int64_t n = starts[r + 1] - starts[r];
+    if (item_start[r + 1] == item_start[r]) continue;
+    TORCH_CHECK(n <= lens[r] && lens[r] <= max_seq_len, "paged_attention: request ", r, " has seq_len ", lens[r],
+                ", query length ", n, ", max_seq_len ", max_seq_len);
+    const int64_t used = (lens[r] + block_size - 1) / block_size;
+    TORCH_CHECK(used <= max_blocks, "paged_attention: request ", r, " needs ", used, " blocks, the table has ", max_blocks);
+    for (int64_t b = 0; b < used; ++b) {
+      const int32_t block = tables[r * table_stride + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "paged_attention: block id ", block, " of request ", r,
+                  " is outside the cache");
+    }
+  }
+
+  const int64_t heads = heads_per_item * group;  // query heads per item
+  // Bytes of a row that an item reads: its KV heads' slices (contiguous: heads are the second-last dim).
+  const int64_t span_bytes = ((heads_per_item - 1) * k_head + head_dim) * static_cast<int64_t>(sizeof(T));
+  const int64_t runtime_head_dim = head_dim;
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    // A compile-time constant inside the loops when HD > 0 (a captured
+    // variable is a load, and the vector loops would keep their remainders).
+    constexpr int64_t kHeadDim = HD;
+    const int64_t head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+    const int64_t score_stride = max_seq_len;  // scores of query head h start at h * score_stride
+    std::vector<float> q_buf(heads * head_dim), acc_buf(heads * head_dim), inv_sum(heads);
+    std::vector<float> score_buf(heads * score_stride);
+    float* __restrict__ q = q_buf.data();
+    float* __restrict__ acc = acc_buf.data();
+    float* __restrict__ scores = score_buf.data();
+    int64_t r = 0;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item_start[r + 1] <= item) ++r;
+      const int64_t local = item - item_start[r];
+      const int64_t first_kv_head = (local % chunks) * heads_per_item, j = local / chunks;
+      const int64_t first_head = first_kv_head * group;
+      const int64_t query_len = starts[r + 1] - starts[r];
+      const int64_t token = starts[r] + j;
+      const int64_t num_keys = lens[r] - query_len + j + 1;  // positions 0..pos
+      const int32_t* table = tables + r * table_stride;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* src = q_base + token * q_tok + (first_head + h) * q_head;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] = static_cast<float>(src[d]) * fscale;
+      }
+      // Pass 1: the scores of each KV head's query heads, a block at a time.
+      for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
+        const int64_t rows = std::min(block_size, num_keys - first);
+        const T* block = k_base + table[b] * k_blk + first_kv_head * k_head;
+        if (first + block_size < num_keys) {
+          prefetch_rows(k_base + table[b + 1] * k_blk + first_kv_head * k_head,
+                        std::min(block_size, num_keys - first - block_size), k_row * sizeof(T), span_bytes);
+        } else {
+          prefetch_rows(v_base + table[0] * v_blk + first_kv_head * v_head, std::min(block_size, num_keys), v_row * sizeof(T), span_bytes);
+        }
+        for (int64_t kv = 0; kv < heads_per_item; ++kv) {
+          for (int64_t i = 0; i < rows; i += kRowsPerChunk) {
+            score_rows<T>(q + kv * group * head_dim, group, block + kv * k_head + i * k_row, k_row,
+                                    std::min(kRowsPerChunk, rows - i), head_dim,
+                                    scores + kv * group * score_stride + first + i, score_stride);
+          }
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) inv_sum[h] = 1.0f / exp_minus_max(scores + h * score_stride, num_keys);
+      // Pass 2: V rows weighted by the softmax, a block at a time.
+      std::fill(acc, acc + heads * head_dim, 0.0f);
+      for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
+        const int64_t rows = std::min(block_size, num_keys - first);
+        const T* block = v_base + table[b] * v_blk + first_kv_head * v_head;
+        if (first + block_size < num_keys) {
+          prefetch_rows(v_base + table[b + 1] * v_blk + first_kv_head * v_head,
+                        std::min(block_size, num_keys - first - block_size), v_row * sizeof(T), span_bytes);
+        }
+        for (int64_t kv = 0; kv < heads_per_item; ++kv) {
+          accumulate_rows<T, kHeadDim>(scores + kv * group * score_stride + first, score_stride, group,
+                                       block + kv * v_head, v_row, rows, head_dim, acc + kv * group * head_dim);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        const float inv = inv_sum[h];
+        T* o = o_base + token * o_tok + (first_head + h) * o_head;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(acc[h * head_dim + d] * inv);
+      }
+    }
+  });
+}
+
+template <typename T>
+void store_kv_kernel(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                     const at::Tensor& slot_mapping) {
+  const int64_t num_tokens = slot_mapping.size(0);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2), head_dim = key_cache.size(3);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  T* kc = key_cache.data_ptr<T>();
+  T* vc = value_cache.data_ptr<T>();
+  const int64_t num_slots = key_cache.size(0) * block_size;
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    const int64_t slot = slots[i];
+    if (slot < 0) continue;  // padding
+    TORCH_CHECK(slot < num_slots, "store_kv: slot ", slot, " is past the cache's ", num_slots, " slots");
+    const int64_t block = slot / block_size, offset = slot % block_size;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      std::memcpy(kc + block * key_cache.stride(0) + offset * key_cache.stride(1) + h * key_cache.stride(2),
+                  k + i * key.stride(0) + h * key.stride(1), head_dim * sizeof(T));
+      std::memcpy(vc + block * value_cache.stride(0) + offset * value_cache.stride(1) + h * value_cache.stride(2),
+                  v + i * value.stride(0) + h * value.stride(1), head_dim * sizeof(T));
+    }
+  }
+}
+
+void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                     int64_t max_seq_len, double scale, int64_t max_rows_query_len, at::Tensor out) {
+  DISPATCH_FLOATS(query.scalar_type(), "paged_attention", [&] {
+    auto run = [&](auto head_dim) {
+      paged_attention_kernel<scalar_t, decltype(head_dim)::value>(
+          query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale,
+          max_rows_query_len, out);
+    };
+    // The head_dims of the models we serve, unrolled; any other runs the generic loops.
+    switch (query.size(2)) {
+      case 64: run(std::integral_constant<int64_t, 64>{}); break;
+      case 128: run(std::integral_constant<int64_t, 128>{}); break;
+      default: run(std::integral_constant<int64_t, 0>{}); break;
+    }
+  });
+}
+
+void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache, at::Tensor value_cache,
+              const at::Tensor& slot_mapping) {
+  DISPATCH_FLOATS(key_cache.scalar_type(), "store_kv",
+                  [&] { store_kv_kernel<scalar_t>(key, value, key_cache, value_cache, slot_mapping); });
+}
+
+}  // namespace
+}  // namespace pagedinfer_cpu
+
+TORCH_LIBRARY_IMPL(pagedinfer_cpu, CPU, m) {
+  m.impl("paged_attention", &pagedinfer_cpu::paged_attention);
+  m.impl("store_kv", &pagedinfer_cpu::store_kv);
+}
