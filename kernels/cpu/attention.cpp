@@ -18,7 +18,9 @@
 // up with memory: each block's rows of a KV head are read once per pass and
 // used for all the query heads sharing it, scores of 16 rows are reduced
 // together (one vector of 16 sums instead of 16 horizontal sums), and the
-// output accumulators stay in registers across a block's rows.
+// output accumulators stay in registers across a block's rows. (Software
+// prefetch of the next blocks measured no faster: the loads are bound by the
+// memory bandwidth, not by finding the scattered blocks.)
 
 #include <torch/library.h>
 
@@ -145,16 +147,6 @@ inline float exp_minus_max(float* __restrict__ s, int64_t n) {
 #endif
 }
 
-// Starts loading the `rows` rows of a block that the loop reads next: blocks
-// are scattered, so the hardware prefetcher only finds a block after its
-// first misses.
-inline void prefetch_rows(const void* first_row, int64_t rows, int64_t row_bytes, int64_t span_bytes) {
-  const char* p = static_cast<const char*>(first_row);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t off = 0; off < span_bytes; off += 64) _mm_prefetch(p + i * row_bytes + off, _MM_HINT_T0);
-  }
-}
-
 // One (request, query token, KV heads) at a time: the query token at absolute
 // position `pos` sees keys 0..pos. Two passes over the cached rows, block by
 // block: K rows give the scores of every query head, then (after a softmax
@@ -221,8 +213,6 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
   }
 
   const int64_t heads = heads_per_item * group;  // query heads per item
-  // Bytes of a row that an item reads: its KV heads' slices (contiguous: heads are the second-last dim).
-  const int64_t span_bytes = ((heads_per_item - 1) * k_head + head_dim) * static_cast<int64_t>(sizeof(T));
   const int64_t runtime_head_dim = head_dim;
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     // A compile-time constant inside the loops when HD > 0 (a captured
@@ -254,17 +244,11 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
       for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
         const int64_t rows = std::min(block_size, num_keys - first);
         const T* block = k_base + table[b] * k_blk + first_kv_head * k_head;
-        if (first + block_size < num_keys) {
-          prefetch_rows(k_base + table[b + 1] * k_blk + first_kv_head * k_head,
-                        std::min(block_size, num_keys - first - block_size), k_row * sizeof(T), span_bytes);
-        } else {
-          prefetch_rows(v_base + table[0] * v_blk + first_kv_head * v_head, std::min(block_size, num_keys), v_row * sizeof(T), span_bytes);
-        }
         for (int64_t kv = 0; kv < heads_per_item; ++kv) {
           for (int64_t i = 0; i < rows; i += kRowsPerChunk) {
             score_rows<T>(q + kv * group * head_dim, group, block + kv * k_head + i * k_row, k_row,
-                                    std::min(kRowsPerChunk, rows - i), head_dim,
-                                    scores + kv * group * score_stride + first + i, score_stride);
+                          std::min(kRowsPerChunk, rows - i), head_dim, scores + kv * group * score_stride + first + i,
+                          score_stride);
           }
         }
       }
@@ -274,10 +258,6 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
       for (int64_t first = 0, b = 0; first < num_keys; first += block_size, ++b) {
         const int64_t rows = std::min(block_size, num_keys - first);
         const T* block = v_base + table[b] * v_blk + first_kv_head * v_head;
-        if (first + block_size < num_keys) {
-          prefetch_rows(v_base + table[b + 1] * v_blk + first_kv_head * v_head,
-                        std::min(block_size, num_keys - first - block_size), v_row * sizeof(T), span_bytes);
-        }
         for (int64_t kv = 0; kv < heads_per_item; ++kv) {
           accumulate_rows<T, kHeadDim>(scores + kv * group * score_stride + first, score_stride, group,
                                        block + kv * v_head, v_row, rows, head_dim, acc + kv * group * head_dim);
