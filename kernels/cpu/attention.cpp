@@ -11,8 +11,8 @@
 //   requests it handles: those with a query length <= `max_rows_query_len`.
 // - Lengths, block ids and slots are checked before they become addresses: a
 //   bad one raises instead of reading another request's memory.
-// - Work is split with at::parallel_for over (request, token, KV heads), so
-//   the torch thread count governs it.
+// - Work is split with at::parallel_for over runs of (request, token, KV heads)
+//   of about equal cost, so the torch thread count governs it.
 //
 // Decode attention is bound by reading the cache, so the inner loops must keep
 // up with memory: each block's rows of a KV head are read once per pass and
@@ -212,9 +212,26 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
     }
   }
 
+  // Each thread takes a contiguous run of items of about equal cost (keys
+  // read), not of equal count: contexts in a batch differ several-fold, and
+  // an even split by count left one thread idle for much of the call.
+  std::vector<int64_t> cost_end(num_items + 1, 0);
+  for (int64_t r = 0, item = 0; r < num_reqs; ++r) {
+    const int64_t n = starts[r + 1] - starts[r];
+    for (int64_t i = 0; i < item_start[r + 1] - item_start[r]; ++i, ++item) {
+      cost_end[item + 1] = cost_end[item] + lens[r] - n + i / chunks + 1 + kRowsPerChunk;  // keys + fixed cost
+    }
+  }
+  const int64_t num_parts = std::min<int64_t>(at::get_num_threads(), num_items);
+  auto part_start = [&](int64_t part) {
+    const int64_t target = cost_end[num_items] * part / num_parts;
+    return std::lower_bound(cost_end.begin(), cost_end.end(), target) - cost_end.begin();
+  };
+
   const int64_t heads = heads_per_item * group;  // query heads per item
   const int64_t runtime_head_dim = head_dim;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_parts, 1, [&](int64_t first_part, int64_t end_part) {
+    const int64_t begin = part_start(first_part), end = part_start(end_part);
     // A compile-time constant inside the loops when HD > 0 (a captured
     // variable is a load, and the vector loops would keep their remainders).
     constexpr int64_t kHeadDim = HD;
