@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(parser)
     # The CPU serving workload: ShareGPT-like prompts up to 600 tokens, 32-256 output tokens.
     parser.set_defaults(dataset="sharegpt", max_input_len=600, min_output_len=32, max_output_len=256)
-    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x c))")
+    parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 4 x c))")
     parser.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:1000,tpot:100")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (vLLM compiles first)")
     parser.add_argument("--timeout", type=float, default=900.0,

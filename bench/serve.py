@@ -75,8 +75,10 @@ class RequestResult:
 
 
 def auto_num_prompts(concurrency: int | None) -> int:
-    """Two waves at this concurrency, so the batch runs full for a while; few enough for 2 cores."""
-    return max(8, 2 * concurrency) if concurrency else 64
+    """Four waves at this concurrency: the drain at the end (fewer than `concurrency`
+    requests left) is then a small share of the run, which two waves left noisy
+    on 2 cores; still under 3 minutes a level there at c=48."""
+    return max(8, 4 * concurrency) if concurrency else 64
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
     add_workload_args(parser)
     parser.add_argument("--num-prompts", type=int, default=None,
-                        help="per level (default: max(8, 2 x concurrency); 64 when unbounded)")
+                        help="per level (default: max(8, 4 x concurrency); 64 when unbounded)")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson rate, req/s (inf: all at once)")
     parser.add_argument("--max-concurrency", default="none", help="comma list; 'none' = unbounded")
     parser.add_argument("--prompt-format", choices=["text", "ids"], default="text")
