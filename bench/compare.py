@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds per level; requests still running then count as failed")
     parser.add_argument("--results-md", default=str(REPO_ROOT / "bench" / "RESULTS.md"))
-    parser.add_argument("--plot-dir", default=str(REPO_ROOT / "bench" / "plots"))
+    parser.add_argument("--plot-dir", default=None,
+                        help="default: bench/plots when RESULTS.md links them, else --out-dir")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "bench" / "out"), help="JSON and server logs")
     parser.add_argument("--no-results-md", dest="write_md", action="store_false")
     return parser
@@ -239,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(out_dir / f"compare-{stamp}.json", report)
     served = {r.name: r.runs for r in results if r.runs}
+    # Plots go into the repository only with the RESULTS.md section that links them.
+    plot_dir = Path(args.plot_dir or (REPO_ROOT / "bench" / "plots" if args.write_md else out_dir))
     plots = []
     if served:
-        plots.append(Path(args.plot_dir) / f"compare-{stamp}-scaling.png")
+        plots.append(plot_dir / f"compare-{stamp}-scaling.png")
         plot_scaling(served, plots[-1])
         latency_runs = [run for r in results if r.name != "transformers" for run in r.runs]
         if latency_runs:
-            plots.append(Path(args.plot_dir) / f"compare-{stamp}-latency-cdf.png")
+            plots.append(plot_dir / f"compare-{stamp}-latency-cdf.png")
             plot_cdfs(latency_runs, plots[-1])
     if args.write_md:
         write_results_md(Path(args.results_md), results_section(report, tables, plots, Path(args.results_md)))

@@ -36,6 +36,9 @@ namespace {
 constexpr int64_t kRowsPerChunk = 16;
 
 #if defined(__AVX512F__)
+// The first min(n, 16) lanes.
+inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
 // [sum(v[0]), ..., sum(v[15])]: three levels of pairwise shuffles and adds.
 inline __m512 sum_each(__m512 v[16]) {
   __m512 w[8], x[4];
@@ -74,7 +77,7 @@ inline void score_rows(const float* __restrict__ q, int64_t group, const T* __re
         }
         parts[i] = acc;
       }
-      _mm512_mask_storeu_ps(scores + g * score_stride, static_cast<__mmask16>((1u << rows) - 1), sum_each(parts));
+      _mm512_mask_storeu_ps(scores + g * score_stride, lanes_mask(rows), sum_each(parts));
     }
     return;
   }
@@ -123,13 +126,13 @@ inline float exp_minus_max(float* __restrict__ s, int64_t n) {
 #if defined(__AVX512F__)
   __m512 top = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 mask = lanes_mask(n - t);
     top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, s + t));
   }
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 mask = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 mask = lanes_mask(n - t);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), m));
     _mm512_mask_storeu_ps(s + t, mask, e);
     sum = _mm512_mask_add_ps(sum, mask, sum, e);
@@ -215,11 +218,12 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
   // Each thread takes a contiguous run of items of about equal cost (keys
   // read), not of equal count: contexts in a batch differ several-fold, and
   // an even split by count left one thread idle for much of the call.
+  // Keys query token j of request r sees: positions 0..its own.
+  auto num_keys_of = [&](int64_t r, int64_t j) -> int64_t { return lens[r] - (starts[r + 1] - starts[r]) + j + 1; };
   std::vector<int64_t> cost_end(num_items + 1, 0);
   for (int64_t r = 0, item = 0; r < num_reqs; ++r) {
-    const int64_t n = starts[r + 1] - starts[r];
-    for (int64_t i = 0; i < item_start[r + 1] - item_start[r]; ++i, ++item) {
-      cost_end[item + 1] = cost_end[item] + lens[r] - n + i / chunks + 1 + kRowsPerChunk;  // keys + fixed cost
+    for (int64_t local = 0; local < item_start[r + 1] - item_start[r]; ++local, ++item) {
+      cost_end[item + 1] = cost_end[item] + num_keys_of(r, local / chunks) + kRowsPerChunk;  // keys + fixed cost
     }
   }
   const int64_t num_parts = std::min<int64_t>(at::get_num_threads(), num_items);
@@ -248,9 +252,8 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
       const int64_t local = item - item_start[r];
       const int64_t first_kv_head = (local % chunks) * heads_per_item, j = local / chunks;
       const int64_t first_head = first_kv_head * group;
-      const int64_t query_len = starts[r + 1] - starts[r];
       const int64_t token = starts[r] + j;
-      const int64_t num_keys = lens[r] - query_len + j + 1;  // positions 0..pos
+      const int64_t num_keys = num_keys_of(r, j);
       const int32_t* table = tables + r * table_stride;
       for (int64_t h = 0; h < heads; ++h) {
         const T* src = q_base + token * q_tok + (first_head + h) * q_head;
