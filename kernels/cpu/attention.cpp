@@ -16,11 +16,12 @@
 //
 // Decode attention is bound by reading the cache, so the inner loops must keep
 // up with memory: each block's rows of a KV head are read once per pass and
-// used for all the query heads sharing it, scores of 16 rows are reduced
-// together (one vector of 16 sums instead of 16 horizontal sums), and the
-// output accumulators stay in registers across a block's rows. (Software
-// prefetch of the next blocks measured no faster: the loads are bound by the
-// memory bandwidth, not by finding the scattered blocks.)
+// used for all the query heads sharing it, the scores of one vector's width of
+// rows are reduced together (one vector of sums instead of a horizontal sum
+// per row), and the output accumulators stay in registers across a block's
+// rows. The loops are written once against common.h's vector type (AVX-512 or
+// AVX2). (Software prefetch of the next blocks measured no faster: the loads
+// are bound by the memory bandwidth, not by finding the scattered blocks.)
 
 #include <torch/library.h>
 
@@ -33,51 +34,31 @@
 namespace pagedinfer_cpu {
 namespace {
 
+// Rows of K scored together: one vector of sums per chunk.
+#if defined(PAGEDINFER_VEC)
+constexpr int64_t kRowsPerChunk = kLanes;
+#else
 constexpr int64_t kRowsPerChunk = 16;
-
-#if defined(__AVX512F__)
-// The first min(n, 16) lanes.
-inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-
-// [sum(v[0]), ..., sum(v[15])]: three levels of pairwise shuffles and adds.
-inline __m512 sum_each(__m512 v[16]) {
-  __m512 w[8], x[4];
-  for (int i = 0; i < 8; ++i) {  // each 128-bit lane: partial sums of two vectors
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {  // each lane: one partial sum for each of four vectors
-    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
-    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
 #endif
 
-// scores[g * score_stride + i] = q[g] . k[i] for `rows` <= 16 rows of one KV
-// head and its `group` query heads (q already scaled, float32).
+// scores[g * score_stride + i] = q[g] . k[i] for `rows` <= kRowsPerChunk rows
+// of one KV head and its `group` query heads (q already scaled, float32).
 template <typename T>
 inline void score_rows(const float* __restrict__ q, int64_t group, const T* __restrict__ k, int64_t row_stride,
                        int64_t rows, int64_t head_dim, float* __restrict__ scores, int64_t score_stride) {
-#if defined(__AVX512F__)
-  if (head_dim % 16 == 0) {
+#if defined(PAGEDINFER_VEC)
+  if (head_dim % kLanes == 0) {
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * head_dim;
-      __m512 parts[kRowsPerChunk];
+      vfloat parts[kRowsPerChunk];
       for (int64_t i = 0; i < kRowsPerChunk; ++i) {
-        __m512 acc = _mm512_setzero_ps();
+        vfloat acc = vzero();
         if (i < rows) {
-          for (int64_t d = 0; d < head_dim; d += 16) {
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), load16(k + i * row_stride + d), acc);
-          }
+          for (int64_t d = 0; d < head_dim; d += kLanes) acc = vfmadd(vload(qg + d), vload(k + i * row_stride + d), acc);
         }
         parts[i] = acc;
       }
-      _mm512_mask_storeu_ps(scores + g * score_stride, lanes_mask(rows), sum_each(parts));
+      vstore_first(scores + g * score_stride, vsum_each(parts), rows);
     }
     return;
   }
@@ -97,17 +78,24 @@ template <typename T, int64_t HD>
 inline void accumulate_rows(const float* __restrict__ weights, int64_t weight_stride, int64_t group,
                             const T* __restrict__ v, int64_t row_stride, int64_t rows, int64_t head_dim,
                             float* __restrict__ acc) {
-#if defined(__AVX512F__)
-  if constexpr (HD > 0 && HD % 16 == 0 && HD <= 128) {
+#if defined(PAGEDINFER_VEC)
+  // A head's accumulators stay in registers across the rows, at most 8 vectors
+  // at a time (of the 16 or 32 registers): a wider head takes its slices of
+  // 8 in turn, re-reading the block's rows from L1.
+  constexpr int64_t kVecs = HD / kLanes, kSlice = kVecs >= 8 ? 8 : (kVecs > 0 ? kVecs : 1);
+  if constexpr (HD > 0 && HD % kLanes == 0 && kVecs % kSlice == 0) {
     for (int64_t g = 0; g < group; ++g) {
-      __m512 a[HD / 16];
-      float* ag = acc + g * HD;
-      for (int64_t d = 0; d < HD / 16; ++d) a[d] = _mm512_loadu_ps(ag + 16 * d);
-      for (int64_t i = 0; i < rows; ++i) {
-        const __m512 w = _mm512_set1_ps(weights[g * weight_stride + i]);
-        for (int64_t d = 0; d < HD / 16; ++d) a[d] = _mm512_fmadd_ps(w, load16(v + i * row_stride + 16 * d), a[d]);
+      for (int64_t first = 0; first < kVecs; first += kSlice) {
+        vfloat a[kSlice];
+        float* ag = acc + g * HD + first * kLanes;
+        const T* vg = v + first * kLanes;
+        for (int64_t d = 0; d < kSlice; ++d) a[d] = vload(ag + kLanes * d);
+        for (int64_t i = 0; i < rows; ++i) {
+          const vfloat w = vset(weights[g * weight_stride + i]);
+          for (int64_t d = 0; d < kSlice; ++d) a[d] = vfmadd(w, vload(vg + i * row_stride + kLanes * d), a[d]);
+        }
+        for (int64_t d = 0; d < kSlice; ++d) vstore(ag + kLanes * d, a[d]);
       }
-      for (int64_t d = 0; d < HD / 16; ++d) _mm512_storeu_ps(ag + 16 * d, a[d]);
     }
     return;
   }
@@ -123,21 +111,17 @@ inline void accumulate_rows(const float* __restrict__ weights, int64_t weight_st
 
 // s[t] = exp(s[t] - max(s)) for t < n; returns their sum.
 inline float exp_minus_max(float* __restrict__ s, int64_t n) {
-#if defined(__AVX512F__)
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 mask = lanes_mask(n - t);
-    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, s + t));
+#if defined(PAGEDINFER_VEC)
+  vfloat top = vset(-INFINITY);
+  for (int64_t t = 0; t < n; t += kLanes) top = vmax(top, vload_first(s + t, n - t, -INFINITY));
+  const vfloat m = vset(vreduce_max(top));
+  vfloat sum = vzero();
+  for (int64_t t = 0; t < n; t += kLanes) {
+    const vfloat e = vexp(vsub(vload_first(s + t, n - t, 0.0f), m));
+    vstore_first(s + t, e, n - t);
+    sum = vadd(sum, vkeep_first(e, n - t));
   }
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 mask = lanes_mask(n - t);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), m));
-    _mm512_mask_storeu_ps(s + t, mask, e);
-    sum = _mm512_mask_add_ps(sum, mask, sum, e);
-  }
-  return _mm512_reduce_add_ps(sum);
+  return vreduce_add(sum);
 #else
   float m = -INFINITY;
   for (int64_t t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;

@@ -129,18 +129,18 @@ void silu_and_mul_kernel(const at::Tensor& x, at::Tensor& out) {
       const T* up = gate + d;
       T* o = op + row * os;
       int64_t i = 0;
-#if defined(__AVX512F__)
-      // 16 lanes at a time with exp16 (gcc leaves the loop below scalar):
+#if defined(PAGEDINFER_VEC)
+      // A vector at a time with vexp (gcc leaves the loop below scalar):
       // SiLU in float32, then rounded to T before the up multiply.
-      for (; i + 16 <= d; i += 16) {
-        const __m512 g = load16(gate + i);
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      for (; i + kLanes <= d; i += kLanes) {
+        const vfloat g = vload(gate + i);
+        const vfloat silu = vdiv(g, vadd(vset(1.0f), vexp(vsub(vzero(), g))));
         if constexpr (std::is_same_v<T, float>) {
-          _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, load16(up + i)));
+          vstore(o + i, vmul(silu, vload(up + i)));
         } else {
-          alignas(64) float lanes[16];
-          _mm512_store_ps(lanes, silu);
-          for (int64_t k = 0; k < 16; ++k) {
+          alignas(64) float lanes[kLanes];
+          vstore(lanes, silu);
+          for (int64_t k = 0; k < kLanes; ++k) {
             o[i + k] = static_cast<T>(static_cast<float>(static_cast<T>(lanes[k])) * static_cast<float>(up[i + k]));
           }
         }
