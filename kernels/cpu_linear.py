@@ -6,9 +6,9 @@ repacking is a large share of the time. oneDNN can keep the weight in its
 blocked layout once (`torch.ops.mkldnn._reorder_linear_weight`) and run
 `_linear_pointwise` on it: measured on a 2-core AVX-512 Xeon, a SmolLM2-135M
 decode step at batch 16 took 20% less time (interleaved A/B in one process).
-At one row and at prompt-sized chunks the plain gemm is as fast or faster, so
-the original weight stays and serves them: the packed copy doubles the weight
-memory of the float32 CPU path, which the model runner reports.
+At prompt-sized chunks the plain gemm is as fast, and on Intel CPUs also below
+8 rows, so the original weight stays and serves them: the packed copy doubles
+the weight memory of the float32 CPU path, which the model runner reports.
 
 Invariants: a packed weight is a function of its weight alone (re-pack after
 the weight changes); `linear` gives F.linear's result up to float32 rounding
@@ -20,9 +20,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Row counts that take the packed weight (measured: below 8 the gemm is
-# faster, above a few hundred both are compute-bound alike).
-MIN_ROWS, MAX_ROWS = 8, 256
+from kernels.cpu_ops import cpu_info
+
+# Row counts that take the packed weight. Above a few hundred both are
+# compute-bound alike. Below 8 rows torch's gemm (MKL, which picks its fast
+# code by CPU vendor) is faster on Intel CPUs (e.g. 19 against 56 us for
+# [1, 576] x [576, 576] on a Xeon) but not on AMD's, where the packed weight
+# wins from one row: a 2-core EPYC's batch-1 decode step took 63 -> 52 ms and
+# batch 4 96 -> 51 ms (interleaved in one process, SmolLM2-135M).
+MIN_ROWS = 1 if cpu_info("vendor_id") == "AuthenticAMD" else 8
+MAX_ROWS = 256
 # What the packing is tuned for; any row count runs on the packed layout.
 _PACK_BATCH_HINT = 64
 

@@ -44,11 +44,13 @@ CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _CHECKED: set[tuple] = set()
 
 
-def _cpu_flags() -> str:
+def cpu_info(*fields: str) -> str:
+    """The value of the first of `fields` in /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+            name, _, value = line.partition(":")
+            if name.strip() in fields:
+                return value.strip()
     except OSError:
         pass
     return ""
@@ -59,7 +61,7 @@ def build_name() -> str:
     digest = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*.[ch]*")):  # sources and headers
         digest.update(path.name.encode() + path.read_bytes())
-    for part in (torch.__version__.encode(), _cpu_flags().encode(), " ".join(CFLAGS).encode()):
+    for part in (torch.__version__.encode(), cpu_info("flags", "Features").encode(), " ".join(CFLAGS).encode()):
         digest.update(part)
     return f"pagedinfer_cpu_{digest.hexdigest()[:16]}"
 
