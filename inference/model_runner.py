@@ -101,10 +101,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             packed = self.model.pack_cpu_weights()
             if packed:
-                logger.info("oneDNN-packed weight copies for decode-size batches: %.0f MiB", packed / 2**20)
+                logger.info("Packed weight copies for decode-size batches: %.0f MiB", packed / 2**20)
             self.weight_bytes += packed
             # One decode-sized forward now, so the first request does not pay
-            # for oneDNN's primitive set-up and the kernels' first calls.
+            # for the kernels' first calls.
             self.profile_forward(16, 16)
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)

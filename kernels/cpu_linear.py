@@ -1,18 +1,20 @@
-"""Linear layers on the CPU with oneDNN-packed weights for mid-size batches.
+"""Linear layers on the CPU through the C++ kernel's packed weights for decode-size batches.
 
-torch's float32 `F.linear` on the CPU calls a BLAS gemm that re-packs the
-weight on every call; at the row counts of a decode step (8-256 rows) that
-repacking is a large share of the time. oneDNN can keep the weight in its
-blocked layout once (`torch.ops.mkldnn._reorder_linear_weight`) and run
-`_linear_pointwise` on it: measured on a 2-core AVX-512 Xeon, a SmolLM2-135M
-decode step at batch 16 took 20% less time (interleaved A/B in one process).
-At prompt-sized chunks the plain gemm is as fast, and on Intel CPUs also below
-8 rows, so the original weight stays and serves them: the packed copy doubles
-the weight memory of the float32 CPU path, which the model runner reports.
+torch's float32 `F.linear` on the CPU calls MKL's gemm, which re-packs the
+weight on every call; oneDNN through torch (`mkldnn._linear_pointwise`)
+keeps a packed weight but costs 25-45 us per call before any arithmetic,
+and a SmolLM2-135M decode step makes ~120 linear calls. `kernels/cpu/linear.cpp`
+packs each float32 weight once into column panels and runs a register-tiled
+FMA loop on it, with a few microseconds per call. Measured on a 2-core EPYC
+(AVX2), one call took 0.5-0.9x oneDNN's time and 0.3-0.8x MKL's at 1-48 rows
+for every SmolLM2 shape, and about the same as MKL's at 512 rows. Prompt-size
+chunks above MAX_ROWS stay on `F.linear`, so the original weight stays
+too: the packed copy doubles the weight memory of the float32 CPU path,
+which the model runner reports.
 
 Invariants: a packed weight is a function of its weight alone (re-pack after
 the weight changes); `linear` gives F.linear's result up to float32 rounding
-(oneDNN sums in another order), never a different shape or dtype.
+(the kernel sums in another order), never a different shape or dtype.
 """
 
 from __future__ import annotations
@@ -20,31 +22,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_ops import cpu_info
+from kernels import cpu_ops
 
-# Row counts that take the packed weight. Above a few hundred both are
-# compute-bound alike. Below 8 rows torch's gemm (MKL, which picks its fast
-# code by CPU vendor) is faster on Intel CPUs (e.g. 19 against 56 us for
-# [1, 576] x [576, 576] on a Xeon) but not on AMD's, where the packed weight
-# wins from one row: a 2-core EPYC's batch-1 decode step took 63 -> 52 ms and
-# batch 4 96 -> 51 ms (interleaved in one process, SmolLM2-135M).
-MIN_ROWS = 1 if cpu_info("vendor_id") == "AuthenticAMD" else 8
+# Row counts that take the packed weight; above this both are compute-bound alike.
 MAX_ROWS = 256
-# What the packing is tuned for; any row count runs on the packed layout.
-_PACK_BATCH_HINT = 64
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a `[out, in]` float32 CPU weight, or None where it does not apply."""
+    """The C++ kernel's panels of a `[out, in]` float32 CPU weight, or None where they do not apply."""
     if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available()):
+            and cpu_ops.available()):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+    return torch.ops.pagedinfer_cpu.pack_linear_weight(weight.detach())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for 2-D x, through `packed` for mid-size batches."""
-    if packed is not None and MIN_ROWS <= x.shape[0] <= MAX_ROWS and x.dim() == 2:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    """F.linear(x, weight, bias) for 2-D x, through `packed` for decode-size batches."""
+    if packed is None or x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        return F.linear(x, weight, bias)
+    # The kernel reads x's rows through their stride, each row densely, in float32.
+    assert x.dtype == torch.float32 and x.stride(1) == 1 and x.shape[1] == weight.shape[1], "x must match the weight"
+    assert bias is None or bias.is_contiguous(), "bias must be contiguous"
+    out = torch.empty(x.shape[0], weight.shape[0])
+    torch.ops.pagedinfer_cpu.linear(x, packed, bias, out)
+    return out

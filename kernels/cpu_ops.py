@@ -5,7 +5,7 @@ The C++ sources are compiled once per (sources, torch version, CPU flags) with
 (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), under a
 name that carries a hash of all three: a new source, torch or CPU builds anew,
 and a later process only loads the shared library (~0.1 s). The build takes
-13-25 s on 2 cores; `make serve` and `make test` do it first (`make
+15-30 s on 2 cores; `make serve` and `make test` do it first (`make
 cpu-kernels`), and the model runner loads it before the server reports ready.
 
 `available()` is False where nothing can be built (no C++ compiler, no

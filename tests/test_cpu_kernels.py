@@ -194,16 +194,32 @@ def test_dispatch_takes_the_cpu_kernels() -> None:
     assert kernels._cpu() is cpu_ops
 
 
-@pytest.mark.parametrize("num_rows", [1, 8, 16, 48, 256, 300])
+# (out_features, in_features): panel tails of 1, 7 and 4 columns on both
+# vector widths (16/32-column panels), one-column and odd in_features, SmolLM2's gate_up
+LINEAR_SHAPES = [(1, 5), (7, 64), (100, 33), (17, 576), (1536, 576)]
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 6, 7, 13, 48])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(num_rows: int, bias: bool) -> None:
+def test_linear_kernel_matches_f_linear(num_rows: int, shape: tuple[int, int], bias: bool) -> None:
+    out_features, in_features = shape
+    weight = _randn(out_features, in_features, dtype=torch.float32, seed=10) * 0.05
+    b = _randn(out_features, dtype=torch.float32, seed=11) if bias else None
+    wide = _randn(num_rows, in_features + 3, dtype=torch.float32, seed=12)  # rows strided past in_features
+    x = wide[:, :in_features]
+    out = torch.full((num_rows, out_features), float("nan"))
+    torch.ops.pagedinfer_cpu.linear(x, torch.ops.pagedinfer_cpu.pack_linear_weight(weight), b, out)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows", [1, 16, 256, 300])
+def test_packed_linear_routes_by_row_count(num_rows: int) -> None:
     from kernels import cpu_linear
 
-    weight = _randn(1536, 576, dtype=torch.float32, seed=10) * 0.05
-    b = _randn(1536, dtype=torch.float32, seed=11) if bias else None
+    weight = _randn(96, 64, dtype=torch.float32, seed=10)
     packed = cpu_linear.pack_weight(weight)
-    assert packed is not None or not torch.backends.mkldnn.is_available()
-    x = _randn(num_rows, 576, dtype=torch.float32, seed=12)
-    out = cpu_linear.linear(x, weight, b, packed)
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+    assert packed is not None
+    x = _randn(num_rows, 64, dtype=torch.float32, seed=12)
+    torch.testing.assert_close(cpu_linear.linear(x, weight, None, packed), torch.nn.functional.linear(x, weight))
     assert cpu_linear.pack_weight(weight.to(torch.bfloat16)) is None, "only float32 weights are packed"

@@ -219,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
         return group.gather_vocab(logits, self.config.vocab_size)
 
     def pack_cpu_weights(self) -> int:
-        """oneDNN-packed copies of every linear weight and the LM head where
+        """Packed copies of every linear weight and the LM head where
         the device and dtype allow (`kernels/cpu_linear.py`); the bytes added."""
         added = sum(m.pack() for m in self.modules() if isinstance(m, PackableLinear))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

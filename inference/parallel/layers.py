@@ -65,8 +65,8 @@ def check_tensor_parallel(hf_config, size: int) -> None:
 
 
 class PackableLinear(nn.Linear):
-    """nn.Linear that runs on a oneDNN-packed copy of its weight once `pack()`
-    made one (the CPU's float32 path; `kernels/cpu_linear.py`)."""
+    """nn.Linear that runs on a packed copy of its weight once `pack()` made
+    one (the CPU's float32 path; `kernels/cpu_linear.py`)."""
 
     packed_weight: torch.Tensor | None = None
 

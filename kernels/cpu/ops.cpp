@@ -187,6 +187,8 @@ TORCH_LIBRARY(pagedinfer_cpu, m) {
         "Tensor(b!) residual_out) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor x, Tensor(a!) out) -> ()");
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, Tensor? bias, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedinfer_cpu, CPU, m) {
