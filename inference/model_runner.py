@@ -101,7 +101,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             packed = self.model.pack_cpu_weights()
             if packed:
-                logger.info("Packed weight copies for decode-size batches: %.0f MiB", packed / 2**20)
+                logger.info("Weight copies packed for the C++ linear kernel: %.0f MiB", packed / 2**20)
             self.weight_bytes += packed
             # One decode-sized forward now, so the first request does not pay
             # for the kernels' first calls.
