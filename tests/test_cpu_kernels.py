@@ -223,3 +223,22 @@ def test_packed_linear_routes_by_row_count(num_rows: int) -> None:
     x = _randn(num_rows, 64, dtype=torch.float32, seed=12)
     torch.testing.assert_close(cpu_linear.linear(x, weight, None, packed), torch.nn.functional.linear(x, weight))
     assert cpu_linear.pack_weight(weight.to(torch.bfloat16)) is None, "only float32 weights are packed"
+
+
+def test_linear_kernel_rejects_bad_arguments() -> None:
+    weight = _randn(40, 24, dtype=torch.float32, seed=1)
+    packed = torch.ops.pagedinfer_cpu.pack_linear_weight(weight)
+    x = _randn(3, 24, dtype=torch.float32, seed=2)
+    cases = {
+        "other in_features": (_randn(3, 20, dtype=torch.float32, seed=2), packed, None, torch.empty(3, 40)),
+        "more out_features than packed": (x, packed, None, torch.empty(3, 60)),
+        "fewer out_features than packed": (x, packed, None, torch.empty(3, 16)),
+        "out rows": (x, packed, None, torch.empty(4, 40)),
+        "float64 x": (x.double(), packed, None, torch.empty(3, 40)),
+        "x strided in its last dim": (_randn(24, 3, dtype=torch.float32, seed=3).t(), packed, None, torch.empty(3, 40)),
+        "short bias": (x, packed, torch.zeros(39), torch.empty(3, 40)),
+        "not packed": (x, weight, None, torch.empty(3, 40)),
+    }
+    for args in cases.values():  # the keys say what is wrong
+        with pytest.raises(RuntimeError, match="linear: "):
+            torch.ops.pagedinfer_cpu.linear(*args)

@@ -1,5 +1,6 @@
-// float32 linear layers for decode-sized batches: out = x @ weight.T (+ bias)
-// on a weight packed once into column panels.
+// float32 linear layers for decode steps and prompt chunks up to a step's
+// token budget: out = x @ weight.T (+ bias) on a weight packed once into
+// column panels.
 //
 // Why not torch's BLAS: at a decode step's row counts the work per call is
 // small, and the fixed cost per call is not: oneDNN through torch
@@ -13,6 +14,8 @@
 // - Each output element is one float32 sum over k in order, then + bias: it
 //   equals F.linear up to float32 rounding, never a different shape or dtype.
 // - Columns past out_features are computed on the zero padding but never stored.
+// - Shapes, dtypes and strides are checked here (cheaply, once per call): a
+//   wrong one raises instead of reading past a tensor.
 // - Work is split with at::parallel_for over panels; each panel is read from
 //   memory once per call and reused from cache by every block of rows.
 
@@ -99,8 +102,20 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
 }
 
 void linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, at::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 3, "linear: x and out must be 2-D, packed 3-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
+              "linear: x, packed and out must be float32");
   const int64_t num_rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
   const int64_t num_panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == in_features && packed.size(2) == kPanel && packed.is_contiguous(),
+              "linear: packed is not a pack_linear_weight of a weight with ", in_features, " input features");
+  TORCH_CHECK(out.size(0) == num_rows && out_features <= num_panels * kPanel && out_features > (num_panels - 1) * kPanel,
+              "linear: out must be [", num_rows, ", out_features of the packed weight]");
+  TORCH_CHECK((in_features <= 1 || x.stride(1) == 1) && (out_features <= 1 || out.stride(1) == 1),
+              "linear: x and out must be contiguous in their last dim");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == out_features &&
+                        bias->is_contiguous()),
+              "linear: bias must be a contiguous float32 [out_features]");
   const float* xp = x.data_ptr<float>();
   const float* pp = packed.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
