@@ -50,18 +50,21 @@ void tile(const float* x, int64_t x_stride, const float* panel, int64_t in_featu
       acc[r][1] = vfmadd(a, b1, acc[r][1]);
     }
   }
+  // The second vector exists only where the panel has more than kLanes columns:
+  // a first-n load with n <= 0 is not defined on every vector width.
+  const bool two = num_cols > kLanes;
+  const vfloat bias0 = bias ? vload_first(bias, num_cols, 0.0f) : vzero();
+  const vfloat bias1 = bias && two ? vload_first(bias + kLanes, num_cols - kLanes, 0.0f) : vzero();
   for (int64_t r = 0; r < R; ++r) {
-    if (bias) {
-      acc[r][0] = vadd(acc[r][0], vload_first(bias, num_cols, 0.0f));
-      acc[r][1] = vadd(acc[r][1], vload_first(bias + kLanes, num_cols - kLanes, 0.0f));
-    }
+    acc[r][0] = vadd(acc[r][0], bias0);
+    acc[r][1] = vadd(acc[r][1], bias1);
     float* o = out + r * out_stride;
     if (num_cols == kPanel) {
       vstore(o, acc[r][0]);
       vstore(o + kLanes, acc[r][1]);
     } else {
       vstore_first(o, acc[r][0], num_cols);
-      if (num_cols > kLanes) vstore_first(o + kLanes, acc[r][1], num_cols - kLanes);
+      if (two) vstore_first(o + kLanes, acc[r][1], num_cols - kLanes);
     }
   }
 #else
