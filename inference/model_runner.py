@@ -145,6 +145,11 @@ class ModelRunner:
 
     def _num_kv_blocks(self, hf_config) -> int:
         config = self.config
+        if kernels.prefill_autotunes(self.device):
+            # Now, not in the first serving step of each bucket, which would stall every running request;
+            # and before the KV budget is measured, as a first tuning (cold Triton cache) times its
+            # configs with a 256 MB scratch buffer that a later start, reading the cache, does not need.
+            self._tune_prefill()
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
         per_block = kv_block_bytes(hf_config, self.block_size, self.dtype, config.tensor_parallel_size)
@@ -181,13 +186,21 @@ class ModelRunner:
         not_torch = max(total - free - torch.cuda.memory_reserved(), 0)
         return int(total * self.config.gpu_memory_utilization) - peak - graph_pool - not_torch
 
+    def _tune_prefill(self) -> None:
+        """A prefill in each autotuning length bucket a step can reach, so each is tuned."""
+        config = self.config
+        for query_len in kernels.prefill_tuning_lengths(min(config.max_model_len, config.max_num_batched_tokens)):
+            self.profile_forward(query_len)
+
     @torch.inference_mode()
     def profile_forward(self, num_tokens: int | None = None, num_reqs: int = 1) -> torch.Tensor:
-        """A forward of `num_reqs` requests of `num_tokens // num_reqs` new
-        tokens each into a scratch cache (by default one prefill of
-        `max_num_batched_tokens`, the largest step the scheduler can build);
-        returns the last logits."""
+        """A forward of `num_tokens` new tokens (by default `max_num_batched_tokens`,
+        the largest step the scheduler can build) split evenly over `num_reqs`
+        requests, or over more where a request would pass `max_model_len`, as the
+        scheduler never builds one: its positions would index past the rotary
+        table. Into a scratch cache; returns the last logits."""
         num_tokens = num_tokens or self.config.max_num_batched_tokens
+        num_reqs = max(num_reqs, -(-num_tokens // self.config.max_model_len))
         per_req = num_tokens // num_reqs
         num_tokens = per_req * num_reqs
         attn = self.model.layers[0].self_attn

@@ -108,9 +108,13 @@ theirs in their modules):
   operand on CUDA, loaded in its 16-bit dtype for the tensor cores (the
   interpreter, which gets 16-bit arithmetic wrong, upcasts those too).
   `tl.dot` tiles are >= 16 on every dim (the GQA group is padded to 16 in
-  decode).
-- Any head_dim works: it is padded to a power of two and masked. head_dim
-  and block_size are constexprs (one compile per model), the lengths are not.
+  decode, head_dim to 16 in both).
+- Any head_dim works, on a GPU too: it is padded to a power of two of at
+  least 16 (the GPU's `tl.dot` minimum) and masked. head_dim and block_size
+  are constexprs (one compile per model), the lengths are not.
+- float32 inputs are computed in float32 on a GPU too: their `tl.dot`s use
+  IEEE precision, not the TF32 default (`_dot.py`); 16-bit inputs use the
+  tensor cores.
 - `max_query_len`/`max_seq_len` bound `query_start_loc` diffs and `seq_lens`:
   grids are sized from them, so a larger actual value would be cut off.
 - Only the last dim of query/out/key/value/caches must be contiguous; the
@@ -130,10 +134,11 @@ from types import ModuleType
 import torch
 
 from kernels import reference
+from kernels._checks import prefill_tuning_lengths
 
 __all__ = [
     "apply_rotary_embedding", "decode_workspace_numel", "fused_add_rms_norm", "paged_attention", "rms_norm",
-    "fused_moe", "silu_and_mul", "store_kv",
+    "fused_moe", "prefill_autotunes", "prefill_tuning_lengths", "silu_and_mul", "store_kv",
 ]
 
 INTERPRET_ENV = "PAGEDINFER_TRITON_INTERPRET"
@@ -148,6 +153,12 @@ def _use_triton(device: torch.device) -> bool:
     if device.type == "cuda":
         return _triton_available()
     return os.environ.get(INTERPRET_ENV) == "1"
+
+
+def prefill_autotunes(device: torch.device) -> bool:
+    """Whether prefill attention on `device` autotunes its tiles on first use of a length bucket
+    (compiled Triton; the interpreter and the CPU kernels have one config)."""
+    return device.type == "cuda" and _use_triton(device)
 
 
 def cpu_kernels() -> str:

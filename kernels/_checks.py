@@ -22,6 +22,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Upper bounds of the prefill kernel's autotuning length buckets (of `max_query_len`); longer is one more.
+_LEN_BUCKETS = (64, 512)
+
+
+def len_bucket(max_query_len: int) -> int:
+    """Length bucket of the prefill autotuning key: mostly-decode batches, mid-size chunks, long prompts."""
+    for bucket in _LEN_BUCKETS:
+        if max_query_len <= bucket:
+            return bucket
+    return 4096
+
+
+def prefill_tuning_lengths(max_query_len: int) -> list[int]:
+    """One query length (>= 2: one is decode) in each length bucket up to `max_query_len`, the longest
+    a step can hold; a prefill at each meets every autotuning key a model's steps can reach."""
+    lengths = [bucket for bucket in _LEN_BUCKETS if bucket < max_query_len] + [max_query_len]
+    return [n for n in lengths if n >= 2]
+
+
 def check_rank(name: str, tensor: torch.Tensor, rank: int) -> None:
     assert tensor.dim() == rank, f"{name} must be {rank}-D, got shape {tuple(tensor.shape)}"
 
@@ -53,8 +72,9 @@ def dot_dtype(dtype: torch.dtype, device: torch.device):  # -> tl.dtype; the cal
     """Operand dtype for `tl.dot` in a kernel reading tensors of `dtype` on `device`.
 
     On CUDA, 16-bit operands run on the tensor cores (fp32 accumulation); fp32
-    inputs use Triton's default tf32. The interpreter (CPU) computes 16-bit
-    arithmetic wrongly, so there everything stays float32.
+    operands stay fp32 and `kernels._dot.dot` computes them exactly (IEEE, not
+    TF32). The interpreter (CPU) computes 16-bit arithmetic wrongly, so there
+    everything stays float32.
     """
     import triton.language as tl
 

@@ -30,7 +30,9 @@ Kernel invariants:
   `triton.autotune` picks one per (head_dim, BLOCK_G, dtypes, length bucket
   of max_query_len) the first time that key is seen, keeps it in memory and
   in Triton's on-disk cache (`cache_results`), and later calls launch the
-  chosen config's compiled kernel through `kernels/_launch.py`. The
+  chosen config's compiled kernel through `kernels/_launch.py`. The engine
+  meets every bucket at start-up (`prefill_tuning_lengths`), so no tuning
+  runs inside a serving step. The
   interpreter runs `INTERPRETER_CONFIG`; tests and the compile check run
   every config explicitly.
 - A chunk may start mid-block: keys are gathered per token (block id from
@@ -51,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import cdiv, next_power_of_2
+from kernels._checks import cdiv, len_bucket, next_power_of_2
+from kernels._dot import dot
 from kernels._launch import checked_geometry, launch
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
@@ -161,7 +164,7 @@ def _prefill_attention_kernel(
             stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
             BLOCK_SIZE, DOT_DTYPE,
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = dot(q, tl.trans(k), DOT_DTYPE) * qk_scale  # [BLOCK_M, BLOCK_N]
         m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
     for start in range(unmasked_end, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -171,7 +174,7 @@ def _prefill_attention_kernel(
             stride_kc_block, stride_kc_off, stride_kc_head, stride_vc_block, stride_vc_off, stride_vc_head,
             BLOCK_SIZE, DOT_DTYPE,
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
         visible = pos_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
@@ -202,14 +205,6 @@ _prefill_attention_tuned = triton.autotune(
 
 # (geometry key, length bucket) -> the config the autotuner chose for it
 _tuned_configs: dict[tuple, PrefillConfig] = {}
-
-
-def len_bucket(max_query_len: int) -> int:
-    """Length bucket of the autotuning key: mostly-decode batches, mid-size chunks, long prompts."""
-    for bucket in (64, 512):
-        if max_query_len <= bucket:
-            return bucket
-    return 4096
 
 
 def tuned_configs() -> dict[tuple, PrefillConfig]:
