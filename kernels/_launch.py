@@ -44,7 +44,7 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    block_d: int  # head_dim padded to a power of two
+    block_d: int  # head_dim padded to a power of two, at least 16 (the `tl.dot` minimum on the GPU)
     # query (token, head), out (token, head), key cache and value cache (block, offset, head),
     # block table (request): the order both attention kernels take them in
     strides: tuple[int, ...]
@@ -96,7 +96,10 @@ def checked_geometry(
     _, block_size, num_kv_heads, _ = key_cache.shape
     strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
                *value_cache.stride()[:3], block_tables.stride(0))
-    geometry = AttentionGeometry(key, num_heads, num_kv_heads, head_dim, block_size, next_power_of_2(head_dim),
+    # The tile's head dim is the inner dim of QK^T: Triton rejects one below 16 when it compiles for a
+    # GPU (the interpreter does not check), so small heads run in a padded, masked tile.
+    block_d = max(16, next_power_of_2(head_dim))
+    geometry = AttentionGeometry(key, num_heads, num_kv_heads, head_dim, block_size, block_d,
                                  strides, dot_dtype(query.dtype, query.device))
     GEOMETRIES[key] = geometry
     return geometry

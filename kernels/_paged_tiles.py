@@ -11,6 +11,8 @@
 import triton
 import triton.language as tl
 
+from kernels._dot import dot
+
 
 @triton.jit
 def load_kv_tile(
@@ -37,5 +39,5 @@ def online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+    acc = acc * alpha[:, None] + dot(p.to(DOT_DTYPE), v, DOT_DTYPE)
     return m_new, l_i, acc

@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import cdiv, next_power_of_2
+from kernels._dot import dot
 from kernels._launch import checked_geometry, launch, tensor_key
 from kernels._paged_tiles import load_kv_tile, online_softmax_update
 
@@ -135,7 +136,7 @@ def _decode_attention_kernel(
             BLOCK_SIZE, DOT_DTYPE,
         )
 
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = dot(q, tl.trans(k), DOT_DTYPE) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(pos_mask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 

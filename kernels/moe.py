@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_float, check_last_dim_contiguous, check_rank, check_same_device, dot_dtype
+from kernels._dot import dot
 
 
 @triton.jit
@@ -89,8 +90,8 @@ def _moe_gate_up_kernel(
         # [BLOCK_K, BLOCK_N] tiles of w13[e].T: gate rows `cols`, up rows `intermediate + cols`
         w_gate = tl.load(w_base + cols[None, :] * stride_w_row + ks[:, None], mask=w_mask, other=0.0)
         w_up = tl.load(w_base + (intermediate + cols[None, :]) * stride_w_row + ks[:, None], mask=w_mask, other=0.0)
-        acc_gate += tl.dot(x, w_gate.to(DOT_DTYPE))
-        acc_up += tl.dot(x, w_up.to(DOT_DTYPE))
+        acc_gate += dot(x, w_gate.to(DOT_DTYPE), DOT_DTYPE)
+        acc_up += dot(x, w_up.to(DOT_DTYPE), DOT_DTYPE)
     dtype = cache_ptr.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     up = acc_up.to(dtype).to(tl.float32)
@@ -138,7 +139,7 @@ def _moe_down_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(DOT_DTYPE)
         w = tl.load(w_base + cols[None, :] * stride_w_row + ks[:, None],
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(DOT_DTYPE)
-        acc += tl.dot(a, w)
+        acc += dot(a, w, DOT_DTYPE)
     dtype = pair_out_ptr.dtype.element_ty
     weight = tl.load(topk_weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
     weighted = acc.to(dtype).to(tl.float32) * weight[:, None]
