@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model cpu-kernels browser test serve bench clean
+.PHONY: install model cpu-kernels browser triton-gpu-image test serve bench clean
 
 $(VENV)/.torch-stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,19 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
-test: model cpu-kernels browser
+# The GPU image's Triton (3.6), beside the venv's, for the compile check in
+# tests/test_kernels.py: kernels are compiled for sm_80/sm_90 with the
+# compiler the GPU runs. Its compile cache (.venv/triton-gpu-image-cache)
+# makes a second `make test` cost seconds for it.
+TRITON_GPU_IMAGE := 3.6.0
+$(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE): $(VENV)/.torch-stamp
+	rm -rf $(VENV)/triton-gpu-image
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/triton-gpu-image triton==$(TRITON_GPU_IMAGE)
+	touch $@
+
+triton-gpu-image: $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE)
+
+test: model cpu-kernels browser triton-gpu-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: model cpu-kernels

@@ -20,10 +20,12 @@ kernels cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,14 +82,36 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
         launch_mod.GEOMETRIES.clear()
 
 
-def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
-    """One call per distinct configuration the engine is expected to hit."""
+# (dtype, head_dim, GQA group, block_size) of the models the engine serves: Llama-3-8B-like, a
+# 64-wide fp16 head, a GQA-8 model.
+_MODEL_GEOMETRIES = (
+    (torch.bfloat16, 128, 4, 16),
+    (torch.float16, 64, 1, 32),
+    (torch.bfloat16, 128, 8, 16),
+)
+_EDGE_HEAD_DIMS = (8, 64, 80, 96, 128, 256)
+_EDGE_BLOCK_SIZES = (8, 16, 32, 64)
+_EDGE_GROUPS = (1, 4, 8, 32)
+
+
+def edge_geometries() -> list[tuple[torch.dtype, int, int, int]]:
+    """Every edge value of each axis (head_dim, block size, GQA group), one axis at a time from a
+    Llama-like base, in each dtype: constexprs and tile shapes change along one axis at a time,
+    so this covers every tile the kernels derive without the full product's thousands of compiles."""
+    geometries = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        axes = ([(dtype, d, 4, 16) for d in _EDGE_HEAD_DIMS] + [(dtype, 128, 4, b) for b in _EDGE_BLOCK_SIZES]
+                + [(dtype, 128, g, 16) for g in _EDGE_GROUPS])
+        geometries += [g for i, g in enumerate(axes) if g not in axes[:i]]
+    return geometries
+
+
+def _launch_all_configs(launches: list[tuple[Any, tuple, dict]], edges: bool) -> None:
+    """One call per distinct configuration the engine is expected to hit; with `edges`, also every
+    edge geometry and float32 (`edge_geometries`)."""
+    geometries = list(_MODEL_GEOMETRIES) + (edge_geometries() if edges else [])
     with _captured_launches(launches):
-        for dtype, head_dim, group, block_size in (
-            (torch.bfloat16, 128, 4, 16),  # Llama-3-8B-like
-            (torch.float16, 64, 1, 32),
-            (torch.bfloat16, 128, 8, 16),
-        ):
+        for dtype, head_dim, group, block_size in geometries:
             kv_heads = 2
             cache = torch.zeros(4, block_size, kv_heads, head_dim, dtype=dtype)
             key = torch.zeros(8, kv_heads, head_dim, dtype=dtype)
@@ -106,7 +130,8 @@ def _launch_all_configs(launches: list[tuple[Any, tuple, dict]]) -> None:
             _launch_prefill_configs(cache, kv_heads * group, head_dim, dtype)
         _launch_prefill_configs(torch.zeros(4, 16, 2, 256, dtype=torch.bfloat16), 8, 256, torch.bfloat16)
         _launch_layer_kernels()
-        _launch_moe_kernels()
+        _launch_moe_kernels((torch.bfloat16, torch.float16, torch.float32) if edges else (torch.bfloat16,
+                                                                                           torch.float16))
 
 
 def _launch_prefill_configs(cache: torch.Tensor, num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -122,12 +147,12 @@ def _launch_prefill_configs(cache: torch.Tensor, num_heads: int, head_dim: int, 
             )
 
 
-def _launch_moe_kernels() -> None:
+def _launch_moe_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
     """Qwen3-30B-A3B's experts (128 of 2048 -> 768, top-8) at decode (batch 1 and 64: 16-row tiles) and
-    prefill (4096 tokens: 64-row tiles). Tile shapes depend on the dtype and the regime, not on the sizes,
-    so one expert's weights are expanded over all 128 instead of allocated."""
+    prefill (4096 tokens: 64-row tiles): every MoE tile. Tile shapes depend on the dtype and the regime,
+    not on the sizes, so one expert's weights are expanded over all 128 instead of allocated."""
     hidden, intermediate, num_experts, top_k = 2048, 768, 128, 8
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         w13 = torch.zeros(1, 2 * intermediate, hidden, dtype=dtype).expand(num_experts, -1, -1)
         w2 = torch.zeros(1, hidden, intermediate, dtype=dtype).expand(num_experts, -1, -1)
         for num_tokens in (1, 64, 4096):
@@ -194,37 +219,56 @@ def _resource_usage(cubin: bytes) -> str:
     return " ".join(x for x in fields if x.startswith(("REG:", "STACK:")))
 
 
+# (kernel, args, kwargs, arch) of each distinct compile; module-level so forked workers inherit it.
+_JOBS: list[tuple[Any, tuple, dict, int]] = []
+
+
+def _compile(index: int) -> tuple[bool, str]:
+    """(ok, report line) of one compile."""
+    kernel, args_, kwargs, arch = _JOBS[index]
+    source, options, _ = _source(kernel, args_, kwargs)
+    constants = {kernel.arg_names[k[0]]: str(v) for k, v in source.constants.items()}
+    label = f"sm_{arch} {kernel.fn.__name__} {constants}"
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # report every failing configuration, not just the first
+        return False, f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}"
+    if compiled.metadata.shared > _MAX_SHARED[arch]:  # would fail to load on the device
+        return False, f"FAIL {label}: {compiled.metadata.shared} bytes of shared memory, sm_{arch} has {_MAX_SHARED[arch]}"
+    # float32 operands must not be rounded to TF32 by the tensor cores (kernels/_dot.py).
+    if constants.get("DOT_DTYPE") == "fp32" and "inputPrecision = tf32" in compiled.asm["ttir"]:
+        return False, f"FAIL {label}: a float32 tl.dot compiles to TF32"
+    return True, f"ok   {label} smem={compiled.metadata.shared} {_resource_usage(compiled.asm['cubin'])}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--edges", action="store_true",
+                        help="also every edge geometry (head_dim, block size, GQA group) and float32")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles at once (forked workers)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
     launches: list[tuple[Any, tuple, dict]] = []
-    _launch_all_configs(launches)
-    failures, seen = 0, set()
+    _launch_all_configs(launches, args.edges)
+    seen = set()
     for kernel, args_, kwargs in launches:
-        source, options, key = _source(kernel, args_, kwargs)
+        key = _source(kernel, args_, kwargs)[2]
         for arch in args.arch:
-            if (key, arch) in seen:
-                continue
-            seen.add((key, arch))
-            config = {k: v for k, v in source.constants.items()}
-            label = f"sm_{arch} {kernel.fn.__name__} {dict((kernel.arg_names[k[0]], str(v)) for k, v in config.items())}"
-            try:
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-            except Exception as exc:  # report every failing configuration, not just the first
-                failures += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}")
-                continue
-            if compiled.metadata.shared > _MAX_SHARED[arch]:  # would fail to load on the device
-                failures += 1
-                print(f"FAIL {label}: {compiled.metadata.shared} bytes of shared memory, sm_{arch} has "
-                      f"{_MAX_SHARED[arch]}")
-                continue
-            print(f"ok   {label} smem={compiled.metadata.shared} {_resource_usage(compiled.asm['cubin'])}")
-    print(f"{len(seen) - failures} compiled, {failures} failed")
+            if (key, arch) not in seen:
+                seen.add((key, arch))
+                _JOBS.append((kernel, args_, kwargs, arch))
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile, range(len(_JOBS))))
+    else:
+        results = [_compile(i) for i in range(len(_JOBS))]
+    for _, line in results:
+        print(line)
+    failures = sum(not ok for ok, _ in results)
+    print(f"triton {triton.__version__}: {len(results) - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
 

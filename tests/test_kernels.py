@@ -253,17 +253,24 @@ def test_prefill_attention(device: str, dtype: torch.dtype, group: int, head_dim
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_other_head_dim(device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """head_dim 96 runs in a padded 128-wide tile, in both kernels."""
+@pytest.mark.parametrize("head_dim,block_d", [(96, 128), (8, 16)])
+def test_other_head_dim(
+    device: str, dtype: torch.dtype, head_dim: int, block_d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """head_dim 96 runs in a padded 128-wide tile, and head_dim 8 in a 16-wide one (a GPU's `tl.dot`
+    needs 16), in both kernels."""
     _need_kernels(device)
     monkeypatch.setenv(kernels.INTERPRET_ENV, "1")
+    from kernels._launch import GEOMETRIES
+
     for requests in (_decode_requests(16), _prefill_requests(16)):
-        batch = make_batch(requests, 4, 96, 16, dtype, device, seed=3)
+        batch = make_batch(requests, 4, head_dim, 16, dtype, device, seed=3)
         out = kernels.paged_attention(
             batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
             batch.query_start_loc, batch.max_query_len, batch.max_seq_len, 0.1, out=poisoned_like(batch.query),
         )
         check_output(out, batch, 0.1)
+    assert {g.block_d for g in GEOMETRIES.values() if g.head_dim == head_dim} == {block_d}
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -318,6 +325,33 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+GPU_IMAGE_TRITON = Path(__file__).parents[1] / ".venv" / "triton-gpu-image"
+
+
+@pytest.mark.slow
+def test_kernels_compile_under_the_gpu_image_triton() -> None:
+    """The GPU image's own Triton (3.6, installed beside the venv by `make test`) compiles every launch
+    configuration, prefill tuning config, MoE tile and edge geometry (head_dim 8 to 256, block sizes 8
+    to 64, GQA 1 to 32; fp16, bf16 and fp32) to sm_80 and sm_90 machine code, within each target's
+    shared memory, with no float32 dot in TF32. Its compile cache lives beside it, so a second run
+    only loads the results."""
+    if not GPU_IMAGE_TRITON.is_dir():
+        message = f"{GPU_IMAGE_TRITON} is missing: `make triton-gpu-image` installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # First on the path, so it shadows the venv's Triton; the kernels come from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join([str(GPU_IMAGE_TRITON), str(Path(__file__).parents[1])])
+    env["TRITON_CACHE_DIR"] = str(GPU_IMAGE_TRITON.with_name("triton-gpu-image-cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "80", "90", "--edges", "--jobs", "2"],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "triton 3.6.0:" in proc.stdout, proc.stdout[-300:]
 
 
 # They reuse this file's helpers, so their interpreter cases need this fallback too.
