@@ -137,7 +137,7 @@ def test_a_dead_end_grammar_ends_the_request_and_frees_its_blocks(llm):
     assert out.outputs[0].text == "yes"
     engine = llm.engine
     assert not engine.has_unfinished_requests()
-    assert engine.core.block_manager.num_used_blocks == 0 or engine.config.enable_prefix_caching
+    assert engine.core.block_manager.num_used_blocks == 0  # blocks it cached for a prefix are free too
 
 
 class _Matcher:
