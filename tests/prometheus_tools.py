@@ -2,7 +2,8 @@
 
 Both come with Debian's `prometheus` package. When one is missing and the
 tests run as root on a Debian-like system (as in CI), `require()` installs
-the package with apt-get; otherwise the calling test is skipped, saying why.
+the package with apt-get; otherwise, or when that install fails, the calling
+test is skipped, saying why, and fails on CI (`ci_tools.missing`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+from ci_tools import missing
 
 APT_PACKAGE = "prometheus"
 APT_TIMEOUT_S = 600
@@ -40,16 +41,16 @@ def _apt_install() -> str | None:
 
 
 def require(binary: str) -> str:
-    """Path of `binary` ("promtool" or "prometheus"); installs or skips if missing."""
+    """Path of `binary` ("promtool" or "prometheus"); installs it if missing, else skips (fails on CI)."""
     path = shutil.which(binary)
     if path:
         return path
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{binary} not found, and apt-get install {APT_PACKAGE} needs root on a Debian-like system")
+        missing(f"{binary} not found, and apt-get install {APT_PACKAGE} needs root on a Debian-like system")
     problem = _apt_install()
     path = shutil.which(binary)
     if path is None:
-        pytest.skip(f"{binary} not found after apt-get install {APT_PACKAGE}: {problem or 'not in the package'}")
+        missing(f"{binary} not found after apt-get install {APT_PACKAGE}: {problem or 'not in the package'}")
     return path
 
 

@@ -10,7 +10,10 @@ does, so they agree to a rounding step of the storage dtype.
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +246,169 @@ def test_linear_kernel_rejects_bad_arguments() -> None:
     for args in cases.values():  # the keys say what is wrong
         with pytest.raises(RuntimeError, match="linear: "):
             torch.ops.pagedinfer_cpu.linear(*args)
+
+
+def _bad_calls() -> dict[str, tuple[Callable[[], object], str]]:
+    """One wrong argument per call, keyed by what is wrong: (the call, the error it must raise).
+
+    Calls go through `cpu_ops`, as the engine's do, where the wrapper takes the
+    argument (outputs it allocates itself go to torch.ops directly), so
+    `test_argument_checks_survive_python_O` shows that no check is a Python assert.
+    """
+    f32, bf16, ops = torch.float32, torch.bfloat16, torch.ops.pagedinfer_cpu
+    x, weight = _randn(3, 8, dtype=f32, seed=1), torch.ones(8)
+
+    def norm(**bad: object) -> object:
+        return cpu_ops.rms_norm(**{"x": x, "weight": weight, "eps": 1e-6, **bad})
+
+    def fused(**bad: object) -> object:
+        return cpu_ops.fused_add_rms_norm(**{"x": x, "residual": x.clone(), "weight": weight, "eps": 1e-6, **bad})
+
+    def fused_op(**bad: object) -> object:
+        args = {"x": x, "residual": x.clone(), "weight": weight, "eps": 1e-6, "out": torch.empty_like(x),
+                "residual_out": torch.empty_like(x)}
+        return ops.fused_add_rms_norm(**{**args, **bad})
+
+    def silu_op(**bad: object) -> object:
+        return ops.silu_and_mul(**{"x": x, "out": torch.empty(3, 4), **bad})
+
+    qk = _randn(5, 6, 16, dtype=f32, seed=2)
+    cos_sin_cache = torch.ones(32, 16)
+
+    def rotary(**bad: object) -> object:
+        args = {"query": qk[:, :4], "key": qk[:, 4:], "positions": torch.arange(5), "cos_sin_cache": cos_sin_cache}
+        return cpu_ops.apply_rotary_embedding(**{**args, **bad})
+
+    caches = torch.zeros(2, 4, 8, 2, 16)
+
+    def store(**bad: object) -> object:
+        args = {"key": qk[:, :2], "value": qk[:, 2:4], "key_cache": caches[0], "value_cache": caches[1],
+                "slot_mapping": torch.arange(5)}
+        return cpu_ops.store_kv(**{**args, **bad})
+
+    batch = _paged_batch(BATCHES["decode"], 4, 4, 32, 16, f32)  # seq_lens up to 300: up to 19 blocks of 16
+
+    def attend(**bad: object) -> object:
+        return cpu_ops.paged_attention(**{**batch, "scale": 0.1, **bad})
+
+    num_rows, qsl = batch["query"].shape[0], batch["query_start_loc"]
+    return {
+        "rms_norm: 4-D x": (lambda: norm(x=x.view(3, 2, 2, 2)), r"rms_norm: x must be \[rows"),
+        "rms_norm: int32 x": (lambda: norm(x=x.int()), "rms_norm: x must be float32"),
+        "rms_norm: x strided in its last dim": (lambda: norm(x=_randn(8, 3, dtype=f32, seed=3).t()),
+                                                "rms_norm: x must be contiguous in its last dim"),
+        "rms_norm: short weight": (lambda: norm(weight=torch.ones(7)), "rms_norm: weight must be"),
+        "rms_norm: bfloat16 weight": (lambda: norm(weight=weight.to(bf16)), "rms_norm: weight must be"),
+        "rms_norm: strided weight": (lambda: norm(weight=torch.ones(16)[::2]), "rms_norm: weight must be"),
+        "rms_norm: out of another shape": (lambda: norm(out=torch.empty(3, 9)), "rms_norm: out must be"),
+        "rms_norm: bfloat16 out": (lambda: norm(out=torch.empty(3, 8, dtype=bf16)), "rms_norm: out must be"),
+        "fused_add_rms_norm: 1-D x": (lambda: fused(x=weight, residual=weight), "fused_add_rms_norm: x must be"),
+        "fused_add_rms_norm: short weight": (lambda: fused(weight=torch.ones(7)), "fused_add_rms_norm: weight must"),
+        "fused_add_rms_norm: residual with a row more": (lambda: fused(residual=_randn(4, 8, dtype=f32, seed=4)),
+                                                         "fused_add_rms_norm: residual must be"),
+        "fused_add_rms_norm: bfloat16 residual": (lambda: fused(residual=x.to(bf16)),
+                                                  "fused_add_rms_norm: residual must be"),
+        "fused_add_rms_norm: out of another shape": (lambda: fused_op(out=torch.empty(3, 4)),
+                                                     "fused_add_rms_norm: out must be"),
+        "fused_add_rms_norm: residual_out strided in its last dim": (
+            lambda: fused_op(residual_out=torch.empty(8, 3).t()), "fused_add_rms_norm: residual_out must be"),
+        "silu_and_mul: 3-D x": (lambda: cpu_ops.silu_and_mul(x.view(3, 2, 4)), r"silu_and_mul: x must be \[tokens"),
+        "silu_and_mul: odd x width": (lambda: cpu_ops.silu_and_mul(x[:, :7]), r"silu_and_mul: x must be \[tokens"),
+        "silu_and_mul: int32 x": (lambda: cpu_ops.silu_and_mul(x.int()), "silu_and_mul: x must be float32"),
+        "silu_and_mul: x strided in its last dim": (lambda: cpu_ops.silu_and_mul(x[:, ::2]),
+                                                    "silu_and_mul: x must be contiguous"),
+        "silu_and_mul: out of another width": (lambda: silu_op(out=torch.empty(3, 8)), "silu_and_mul: out must be"),
+        "silu_and_mul: bfloat16 out": (lambda: silu_op(out=torch.empty(3, 4, dtype=bf16)),
+                                       "silu_and_mul: out must be"),
+        "rotary_embedding: 2-D query": (lambda: rotary(query=qk[:, 0]), "rotary_embedding: query and key must be"),
+        "rotary_embedding: float64 query and key": (lambda: rotary(query=qk[:, :4].double(), key=qk[:, 4:].double()),
+                                                    "rotary_embedding: query must be float32"),
+        "rotary_embedding: bfloat16 key": (lambda: rotary(key=qk[:, 4:].to(bf16)), "rotary_embedding: key is"),
+        "rotary_embedding: int32 positions": (lambda: rotary(positions=torch.arange(5, dtype=torch.int32)),
+                                              "rotary_embedding: positions must be"),
+        "rotary_embedding: strided positions": (lambda: rotary(positions=torch.arange(10)[::2]),
+                                                "rotary_embedding: positions must be"),
+        "rotary_embedding: a position short": (lambda: rotary(positions=torch.arange(4)),
+                                               "rotary_embedding: one position per token"),
+        "rotary_embedding: key of another head_dim": (lambda: rotary(key=qk[:, 4:, :8]),
+                                                      "rotary_embedding: query and key need one even head_dim"),
+        "rotary_embedding: odd head_dim": (lambda: rotary(query=qk[:, :4, :15], key=qk[:, 4:, :15],
+                                                          cos_sin_cache=torch.ones(32, 15)),
+                                           "rotary_embedding: query and key need one even head_dim"),
+        "rotary_embedding: float16 cos_sin_cache": (lambda: rotary(cos_sin_cache=cos_sin_cache.half()),
+                                                    "rotary_embedding: cos_sin_cache must be"),
+        "rotary_embedding: cos_sin_cache of another head_dim": (lambda: rotary(cos_sin_cache=torch.ones(32, 8)),
+                                                                "rotary_embedding: cos_sin_cache must be"),
+        "store_kv: 3-D key_cache": (lambda: store(key_cache=caches[0, 0]), r"store_kv: key_cache must be \[blocks"),
+        "store_kv: int32 caches": (lambda: store(key_cache=caches[0].int(), value_cache=caches[1].int()),
+                                   "store_kv: key_cache must be float32"),
+        "store_kv: value_cache of another shape": (lambda: store(value_cache=caches[1, :1]),
+                                                   "store_kv: value_cache must be"),
+        "store_kv: bfloat16 key": (lambda: store(key=qk[:, :2].to(bf16)), "store_kv: key must be"),
+        "store_kv: value with another head count": (lambda: store(value=qk[:, 2:5]), "store_kv: value must be"),
+        "store_kv: a slot short": (lambda: store(slot_mapping=torch.arange(4)), "store_kv: key must be"),
+        "store_kv: int32 slot_mapping": (lambda: store(slot_mapping=torch.arange(5, dtype=torch.int32)),
+                                         "store_kv: slot_mapping must be"),
+        "store_kv: key strided in its last dim": (lambda: store(key=_randn(5, 2, 32, dtype=f32, seed=5)[..., ::2]),
+                                                  "store_kv: key must be"),
+        "paged_attention: 2-D query": (lambda: attend(query=batch["query"][:, 0]),
+                                       r"paged_attention: query must be \[tokens"),
+        "paged_attention: float64 query": (lambda: attend(query=batch["query"].double()),
+                                           "paged_attention: query must be float32"),
+        "paged_attention: out with a row less": (lambda: attend(out=torch.empty(num_rows - 1, 4, 32)),
+                                                 "paged_attention: out must be"),
+        "paged_attention: bfloat16 out": (lambda: attend(out=torch.empty(num_rows, 4, 32, dtype=bf16)),
+                                          "paged_attention: out must be"),
+        "paged_attention: 3-D key_cache": (lambda: attend(key_cache=batch["key_cache"][0]),
+                                           r"paged_attention: key_cache must be \[blocks"),
+        "paged_attention: bfloat16 caches": (lambda: attend(key_cache=batch["key_cache"].to(bf16),
+                                                            value_cache=batch["value_cache"].to(bf16)),
+                                             "paged_attention: key_cache is BFloat16"),
+        "paged_attention: value_cache of another shape": (lambda: attend(value_cache=batch["value_cache"][:-1]),
+                                                          "paged_attention: value_cache must be"),
+        "paged_attention: caches of another head_dim": (
+            lambda: attend(key_cache=batch["key_cache"][..., :16], value_cache=batch["value_cache"][..., :16]),
+            "paged_attention: the caches' head_dim"),
+        "paged_attention: heads that do not split into the KV heads": (
+            lambda: attend(query=torch.zeros(num_rows, 6, 32), out=torch.empty(num_rows, 6, 32)),
+            "paged_attention: 6 query heads do not split into 4 KV heads"),
+        "paged_attention: int64 block_tables": (lambda: attend(block_tables=batch["block_tables"].long()),
+                                                "paged_attention: block_tables must be int32"),
+        "paged_attention: block_tables with a row less": (lambda: attend(block_tables=batch["block_tables"][:-1]),
+                                                          "paged_attention: block_tables must be int32"),
+        "paged_attention: int64 seq_lens": (lambda: attend(seq_lens=batch["seq_lens"].long()),
+                                            "paged_attention: seq_lens must be"),
+        "paged_attention: query_start_loc an entry short": (lambda: attend(query_start_loc=qsl[:-1]),
+                                                            "paged_attention: query_start_loc needs"),
+        "paged_attention: query_start_loc past the query rows": (
+            lambda: attend(query_start_loc=torch.cat([qsl[:-1], qsl[-1:] + num_rows])),
+            r"paged_attention: query_start_loc\[5\]"),
+        "paged_attention: decreasing query_start_loc": (lambda: attend(query_start_loc=qsl.flip(0)),
+                                                        r"paged_attention: query_start_loc\[1\]"),
+        # The block-table bound: a request whose seq_len needs more blocks than a table row holds.
+        "paged_attention: block_tables narrower than a request's blocks": (
+            lambda: attend(block_tables=batch["block_tables"][:, :2]),
+            "paged_attention: request 2 needs 4 blocks, the table has 2"),
+        "pack_linear_weight: 1-D weight": (lambda: ops.pack_linear_weight(torch.ones(8)),
+                                           "pack_linear_weight: weight must be 2-D float32"),
+        "pack_linear_weight: 3-D weight": (lambda: ops.pack_linear_weight(torch.ones(2, 8, 4)),
+                                           "pack_linear_weight: weight must be 2-D float32"),
+        "pack_linear_weight: float64 weight": (lambda: ops.pack_linear_weight(torch.ones(8, 4, dtype=torch.float64)),
+                                               "pack_linear_weight: weight must be 2-D float32"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_ops_reject_bad_arguments(case: str) -> None:
+    call, message = _bad_calls()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_argument_checks_survive_python_O() -> None:
+    """The rejection tests again under `python -O`, which strips asserts: no check may be one."""
+    done = subprocess.run(
+        [sys.executable, "-O", "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "reject"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

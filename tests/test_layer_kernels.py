@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from ci_tools import require_module
 
 CUDA = torch.cuda.is_available()
 if "triton" not in sys.modules and not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-triton = pytest.importorskip("triton")
+triton = require_module("triton", "pip install triton (Linux x86_64; make install does)")
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402

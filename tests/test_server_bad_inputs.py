@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from openai_schemas import check_error
-from server_fixtures import shared_server
+from server_fixtures import MAIN_SERVER_ARGS, shared_server
 
 pytestmark = pytest.mark.slow
 
@@ -125,11 +125,16 @@ def test_bad_input(server, path, kwargs, status, param):
         assert error["param"] == param, error
 
 
-def test_context_error_states_both_lengths(server):
+def test_context_error_states_both_lengths(server, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    num_tokens = len(AutoTokenizer.from_pretrained(smollm2_dir).encode(LONG_TEXT))  # as the server encodes a prompt
+    max_model_len = int(MAIN_SERVER_ARGS[MAIN_SERVER_ARGS.index("--max-model-len") + 1])
     with server.client() as client:
         error = check_error(client.post(C, json={"prompt": LONG_TEXT}))
     assert error["code"] == "context_length_exceeded"
-    assert "256" in error["message"] and "401 tokens" in error["message"], error
+    stated = f"context length is {max_model_len} tokens, but the prompt has {num_tokens} tokens"
+    assert stated in error["message"], error
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test-key"}],

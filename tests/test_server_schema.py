@@ -33,6 +33,13 @@ CHATS = {
 }
 
 
+def _num_choices(body: dict) -> int:
+    """n per prompt; `prompt` is one string or token list, or a list of them."""
+    prompt = body["prompt"]
+    several = isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt)
+    return body.get("n", 1) * (len(prompt) if several else 1)
+
+
 @pytest.fixture(scope="module")
 def http():
     with shared_server().client() as client:
@@ -51,6 +58,8 @@ def test_completion_response(http, body):
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     validate(response.json(), "CreateCompletionResponse")
+    choices = response.json()["choices"]
+    assert sorted(c["index"] for c in choices if c["finish_reason"]) == list(range(_num_choices(body)))
 
 
 def test_completion_echo_with_logprobs(http):
@@ -74,7 +83,7 @@ def test_completion_stream_chunks(http, body):
         validate(chunk, "StreamedCompletionResponse")
     assert chunks[-1]["choices"] == [] and "usage" in chunks[-1]
     finished = [c["choices"][0]["index"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]]
-    assert sorted(finished) == list(range(len(finished))) and finished
+    assert sorted(finished) == list(range(_num_choices(body)))  # each choice of each prompt, once
 
 
 @pytest.mark.parametrize("body", CHATS.values(), ids=CHATS.keys())

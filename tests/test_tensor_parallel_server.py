@@ -1,7 +1,7 @@
 """`pagedinfer serve --tensor-parallel-size 2` seen from outside, on the tiny Llama.
 
 The official `openai` client gets the offline TP=1 engine's greedy text for
-completions, and chat answers whole and streamed alike. Killing one rank's
+completions and chat, and chat answers whole and streamed alike. Killing one rank's
 process turns /health to 503 within 5 s and fails the open stream; the
 server then exits 1 by itself. SIGTERM on a healthy server drains the open
 stream and exits 0.
@@ -61,13 +61,21 @@ def test_openai_client_completions_chat_and_streaming(server, model_dir):
 
     llm = LLM(str(model_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
     expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
+    # The chat prompt as the template renders it (it writes any special tokens itself).
+    chat_prompt = llm.tokenizer.encode(
+        llm.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)
+    [offline_chat] = llm.generate([chat_prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
     model = model_dir.name
     for prompt, offline in zip(PROMPTS, expected):
         response = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
         assert response.choices[0].text == offline.outputs[0].text
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
-    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens > 0
+    assert chat.choices[0].message.content == offline_chat.outputs[0].text
+    assert chat.choices[0].finish_reason == offline_chat.outputs[0].finish_reason
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
+        len(chat_prompt), len(offline_chat.outputs[0].token_ids))
     stream = client.chat.completions.create(
         model=model, messages=MESSAGES, max_tokens=12, temperature=0, stream=True
     )

@@ -165,21 +165,27 @@ def test_parallel_tool_calls_false_gives_one_call(new_client):
     assert len(result.choices[0].message.tool_calls) == 1
 
 
-def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client):
-    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    def history(tool_result: str) -> list[dict]:
+        return [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": tool_result}]
+
+    results = ["18 C and sunny", "18 C and sunny, with a light wind from the north-west and no rain"]
 
     async def both():
         async with new_client() as client:
             auto = await _create(client, "auto", None, False)
             streamed = await _create(client, "auto", None, True)
-            follow_up = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
-                                                             max_tokens=32, temperature=0.0)
-        return auto, streamed, follow_up
+            follow_ups = [await client.chat.completions.create(model=MODEL, messages=history(result), tools=TOOLS,
+                                                               max_tokens=max_tokens, temperature=0.0)
+                          for result, max_tokens in zip(results, (32, 1))]
+        return auto, streamed, follow_ups
 
-    auto, streamed, follow_up = asyncio.run(both())
+    auto, streamed, follow_ups = asyncio.run(both())
     validate(auto.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
     message = auto.choices[0].message
     if message.tool_calls:
@@ -189,4 +195,10 @@ def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client):
         assert message.content and "<tool_call>" not in message.content
     tool_calls, _ = _assemble(streamed)
     assert [c.function.name for c in tool_calls] == [c.function.name for c in message.tool_calls or []]
-    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert follow_ups[0].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # The tool result reached the prompt: a longer one adds exactly its extra tokens
+    # (each result stands between newlines, so its tokens do not merge with the markup's).
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    extra = len(tokenizer.encode(results[1])) - len(tokenizer.encode(results[0]))
+    assert extra > 0
+    assert follow_ups[1].usage.prompt_tokens - follow_ups[0].usage.prompt_tokens == extra

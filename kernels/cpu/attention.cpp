@@ -4,7 +4,8 @@
 // Layout and semantics are those of `kernels/__init__.py`; `kernels/reference.py`
 // is the oracle the tests compare against. Invariants:
 // - Inputs are read through their strides; only the last dim must be
-//   contiguous (checked by the Python wrappers in `kernels/cpu_ops.py`).
+//   contiguous. Shapes, dtypes and strides are checked here (common.h's
+//   checks), whichever way the op is called.
 // - Arithmetic is float32 whatever the storage dtype; the output is rounded once.
 // - Attention reads K/V rows of positions < seq_len only, through block ids of
 //   `block_tables` (never a -1 entry), and writes only the output rows of the
@@ -158,6 +159,11 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
   const T* k_base = key_cache.data_ptr<T>();
   const T* v_base = value_cache.data_ptr<T>();
   T* o_base = out.data_ptr<T>();
+  TORCH_CHECK(starts[0] >= 0, "paged_attention: query_start_loc starts at ", starts[0]);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    TORCH_CHECK(starts[r] <= starts[r + 1] && starts[r + 1] <= query.size(0), "paged_attention: query_start_loc[",
+                r + 1, "] = ", starts[r + 1], " is not in [", starts[r], ", ", query.size(0), " query rows]");
+  }
   const int64_t q_tok = query.stride(0), q_head = query.stride(1);
   const int64_t o_tok = out.stride(0), o_head = out.stride(1);
   const int64_t k_blk = key_cache.stride(0), k_row = key_cache.stride(1), k_head = key_cache.stride(2);
@@ -183,7 +189,8 @@ void paged_attention_kernel(const at::Tensor& query, const at::Tensor& key_cache
   }
   const int64_t num_items = item_start[num_reqs];
   // What the loops below index with, checked once: a bad length or block id
-  // must raise, not read another request's memory.
+  // must raise, not read another request's memory (query_start_loc is checked
+  // before the sums above).
   const int64_t num_blocks = key_cache.size(0), max_blocks = block_tables.size(1);
   for (int64_t r = 0; r < num_reqs; ++r) {
     const int64_t n = starts[r + 1] - starts[r];
@@ -305,6 +312,29 @@ void store_kv_kernel(const at::Tensor& key, const at::Tensor& value, at::Tensor&
 void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                      int64_t max_seq_len, double scale, int64_t max_rows_query_len, at::Tensor out) {
+  const char* op = "paged_attention";
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [tokens, heads, head_dim], got ", query.sizes());
+  check_float_rows(op, "query", query);
+  check_layout(op, "out", out, query.sizes(), query.scalar_type());
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(1) > 0, op,
+              ": key_cache must be [blocks, block_size > 0, kv_heads, head_dim], got ", key_cache.sizes());
+  check_float_rows(op, "key_cache", key_cache);
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), op, ": key_cache is ", key_cache.scalar_type(),
+              ", query ", query.scalar_type());
+  check_layout(op, "value_cache", value_cache, key_cache.sizes(), key_cache.scalar_type());
+  TORCH_CHECK(key_cache.size(3) == query.size(2), op, ": the caches' head_dim ", key_cache.size(3), " != query's ",
+              query.size(2));
+  TORCH_CHECK(key_cache.size(2) > 0 && query.size(1) % key_cache.size(2) == 0, op, ": ", query.size(1),
+              " query heads do not split into ", key_cache.size(2), " KV heads");
+  check_index(op, "seq_lens", seq_lens, at::kInt);
+  check_index(op, "query_start_loc", query_start_loc, at::kInt);
+  const int64_t num_reqs = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == num_reqs + 1, op, ": query_start_loc needs ", num_reqs + 1,
+              " entries (one more than seq_lens), got ", query_start_loc.size(0));
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_reqs && block_tables.scalar_type() == at::kInt &&
+                  dense_last_dim(block_tables),
+              op, ": block_tables must be int32 [", num_reqs, " requests, max_blocks] with a contiguous last dim, got ",
+              block_tables.sizes(), " ", block_tables.scalar_type(), " with strides ", block_tables.strides());
   DISPATCH_FLOATS(query.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto head_dim) {
       paged_attention_kernel<scalar_t, decltype(head_dim)::value>(
@@ -322,6 +352,16 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
 
 void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache, at::Tensor value_cache,
               const at::Tensor& slot_mapping) {
+  const char* op = "store_kv";
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(1) > 0, op,
+              ": key_cache must be [blocks, block_size > 0, kv_heads, head_dim], got ", key_cache.sizes());
+  check_float_rows(op, "key_cache", key_cache);
+  check_layout(op, "value_cache", value_cache, key_cache.sizes(), key_cache.scalar_type());
+  check_index(op, "slot_mapping", slot_mapping, at::kLong);
+  // One [kv_heads, head_dim] row of key and of value per slot, in the caches' dtype.
+  const int64_t rows[] = {slot_mapping.size(0), key_cache.size(2), key_cache.size(3)};
+  check_layout(op, "key", key, rows, key_cache.scalar_type());
+  check_layout(op, "value", value, rows, key_cache.scalar_type());
   DISPATCH_FLOATS(key_cache.scalar_type(), "store_kv",
                   [&] { store_kv_kernel<scalar_t>(key, value, key_cache, value_cache, slot_mapping); });
 }

@@ -178,6 +178,39 @@ inline vfloat vexp(vfloat x) {
 }
 #endif
 
+// Argument checks: every op checks what its loops assume (ranks, shapes,
+// dtypes, a dense last dim) before it reads a pointer, so a wrong argument
+// raises (a RuntimeError in Python, also under `python -O`) instead of reading
+// past a tensor, whether the op is called through kernels/cpu_ops.py or
+// torch.ops.pagedinfer_cpu directly. The checks cost nanoseconds a call.
+inline bool is_float(const at::Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// The kernels address the last dim as `base + i`, without a stride.
+inline bool dense_last_dim(const at::Tensor& t) { return t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1; }
+
+// `t` is exactly `sizes` of `dtype`, with a dense last dim (outputs, and operands read alongside another).
+inline void check_layout(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == dtype && dense_last_dim(t), op, ": ", name, " must be ", dtype,
+              " ", sizes, " with a contiguous last dim, got ", t.scalar_type(), " ", t.sizes(), " with strides ",
+              t.strides());
+}
+
+inline void check_float_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_float(t), op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(dense_last_dim(t), op, ": ", name, " must be contiguous in its last dim, got strides ", t.strides());
+}
+
+// A 1-D index tensor of `dtype`, read densely.
+inline void check_index(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == dtype && dense_last_dim(t), op, ": ", name,
+              " must be a contiguous 1-D ", dtype, " tensor, got ", t.sizes(), " ", t.scalar_type(), " with strides ",
+              t.strides());
+}
+
 #define DISPATCH_FLOATS(dtype, name, ...)                                  \
   switch (dtype) {                                                         \
     case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }     \

@@ -5,7 +5,8 @@
 // Layout and semantics are those of `kernels/__init__.py`; `kernels/reference.py`
 // is the oracle the tests compare against. Invariants:
 // - Every op reads its inputs through their strides; only the last dim must be
-//   contiguous (checked by the Python wrappers in `kernels/cpu_ops.py`).
+//   contiguous. Each op checks its arguments itself (common.h's checks), so a
+//   call through torch.ops is as safe as one through `kernels/cpu_ops.py`.
 // - Arithmetic is float32 whatever the storage dtype; results are rounded to the
 //   storage dtype where transformers rounds (after the norm, before the weight
 //   multiply; after SiLU, before the up multiply), so bfloat16 stays close to it.
@@ -155,22 +156,61 @@ void silu_and_mul_kernel(const at::Tensor& x, at::Tensor& out) {
   });
 }
 
+// x: [rows, hidden] or [tokens, heads, head_dim]; weight: a dense [hidden] in x's dtype.
+void check_norm(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be [rows, hidden] or [tokens, heads, head_dim], got ",
+              x.sizes());
+  check_float_rows(op, "x", x);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type() &&
+                  dense_last_dim(weight),
+              op, ": weight must be a contiguous [", x.size(-1), "] in x's dtype ", x.scalar_type(), ", got ",
+              weight.sizes(), " ", weight.scalar_type(), " with strides ", weight.strides());
+}
+
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor out) {
+  check_norm("rms_norm", x, weight);
+  check_layout("rms_norm", "out", out, x.sizes(), x.scalar_type());
   DISPATCH_FLOATS(x.scalar_type(), "rms_norm", [&] { rms_norm_kernel<scalar_t>(x, nullptr, nullptr, weight, eps, out); });
 }
 
 void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
                         at::Tensor out, at::Tensor residual_out) {
+  check_norm("fused_add_rms_norm", x, weight);
+  check_layout("fused_add_rms_norm", "residual", residual, x.sizes(), x.scalar_type());
+  check_layout("fused_add_rms_norm", "out", out, x.sizes(), x.scalar_type());
+  check_layout("fused_add_rms_norm", "residual_out", residual_out, x.sizes(), x.scalar_type());
   DISPATCH_FLOATS(x.scalar_type(), "fused_add_rms_norm",
                   [&] { rms_norm_kernel<scalar_t>(x, &residual, &residual_out, weight, eps, out); });
 }
 
 void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions, const at::Tensor& cos_sin_cache) {
+  const char* op = "rotary_embedding";
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3, op, ": query and key must be [tokens, heads, head_dim], got ",
+              query.sizes(), " and ", key.sizes());
+  check_float_rows(op, "query", query);
+  check_float_rows(op, "key", key);
+  TORCH_CHECK(key.scalar_type() == query.scalar_type(), op, ": key is ", key.scalar_type(), ", query ",
+              query.scalar_type());
+  check_index(op, "positions", positions, at::kLong);
+  TORCH_CHECK(query.size(0) == positions.size(0) && key.size(0) == positions.size(0), op,
+              ": one position per token: query ", query.size(0), ", key ", key.size(0), ", positions ",
+              positions.size(0));
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(key.size(2) == head_dim && head_dim % 2 == 0, op, ": query and key need one even head_dim, got ",
+              head_dim, " and ", key.size(2));
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim &&
+                  cos_sin_cache.scalar_type() == at::kFloat && dense_last_dim(cos_sin_cache),
+              op, ": cos_sin_cache must be float32 [positions, ", head_dim, "] with a contiguous last dim, got ",
+              cos_sin_cache.sizes(), " ", cos_sin_cache.scalar_type(), " with strides ", cos_sin_cache.strides());
   DISPATCH_FLOATS(query.scalar_type(), "rotary_embedding",
                   [&] { rotary_kernel<scalar_t>(query, key, positions, cos_sin_cache); });
 }
 
 void silu_and_mul(const at::Tensor& x, at::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: x must be [tokens, 2 * intermediate], got ",
+              x.sizes());
+  check_float_rows("silu_and_mul", "x", x);
+  check_layout("silu_and_mul", "out", out, {x.size(0), x.size(1) / 2}, x.scalar_type());
   DISPATCH_FLOATS(x.scalar_type(), "silu_and_mul", [&] { silu_and_mul_kernel<scalar_t>(x, out); });
 }
 
