@@ -2,6 +2,8 @@
 
     python -m kernels.compile_check                # sm_90 (H100/H200)
     python -m kernels.compile_check --arch 80 90
+    # every edge geometry and float32 too, two compiles at a time, with the GPU image's Triton
+    PYTHONPATH=.venv/triton-gpu-image:. python -m kernels.compile_check --arch 80 90 --edges --jobs 2
 
 The interpreter runs the kernels' arithmetic but not Triton's compiler, so it
 misses front-end errors (types, constexprs, early returns), layouts that do
@@ -11,7 +13,9 @@ tile sizes, split-K heuristic on a 132-SM device), captures each launch
 instead of running it, and compiles it with `triton.compile` for the target,
 through ptxas, with the specialisation (16-byte divisibility of pointers and
 ints) the CUDA launcher would apply. It prints registers and stack (spill)
-bytes per kernel when cuobjdump is at hand, and exits non-zero on a failure.
+bytes per kernel when cuobjdump is at hand, and exits non-zero on a failure:
+a compile error, more shared memory than the target has, or a float32
+`tl.dot` left in TF32 (its TTIR says `inputPrecision = tf32`).
 
 Invariant: run in a process where TRITON_INTERPRET is unset (interpreted
 kernels cannot be compiled).

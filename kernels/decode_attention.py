@@ -12,7 +12,8 @@ Kernel invariants:
   (GQA), so each K/V tile is loaded once per group, not once per query head.
   The group is padded to BLOCK_G >= 16 rows because `tl.dot` needs tiles of
   at least 16 on every dim; the pad rows read zeros and are never stored.
-- head_dim is padded to the power of two BLOCK_D and masked.
+- head_dim is padded to the power of two BLOCK_D (at least 16, the GPU `tl.dot`
+  minimum) and masked.
 - Keys are gathered per token (block id from `block_tables`, then the offset in
   the block), so one BLOCK_N tile may span several cache blocks and any
   block_size works. Block ids of -1 are clamped to 0 before use as addresses;
