@@ -112,9 +112,9 @@ theirs in their modules):
 - Any head_dim works, on a GPU too: it is padded to a power of two of at
   least 16 (the GPU's `tl.dot` minimum) and masked. head_dim and block_size
   are constexprs (one compile per model), the lengths are not.
-- float32 inputs are computed in float32 on a GPU too: their `tl.dot`s use
-  IEEE precision, not the TF32 default (`_dot.py`); 16-bit inputs use the
-  tensor cores.
+- float32 inputs keep float32 accuracy on a GPU too: their `tl.dot`s use
+  3xTF32 (`tf32x3`), not the TF32 default (`_dot.py`); 16-bit inputs use
+  the tensor cores directly.
 - `max_query_len`/`max_seq_len` bound `query_start_loc` diffs and `seq_lens`:
   grids are sized from them, so a larger actual value would be cut off.
 - Only the last dim of query/out/key/value/caches must be contiguous; the

@@ -72,8 +72,8 @@ def dot_dtype(dtype: torch.dtype, device: torch.device):  # -> tl.dtype; the cal
     """Operand dtype for `tl.dot` in a kernel reading tensors of `dtype` on `device`.
 
     On CUDA, 16-bit operands run on the tensor cores (fp32 accumulation); fp32
-    operands stay fp32 and `kernels._dot.dot` computes them exactly (IEEE, not
-    TF32). The interpreter (CPU) computes 16-bit arithmetic wrongly, so there
+    operands stay fp32 and `kernels._dot.dot` keeps their accuracy (3xTF32,
+    not TF32). The interpreter (CPU) computes 16-bit arithmetic wrongly, so there
     everything stays float32.
     """
     import triton.language as tl

@@ -15,7 +15,8 @@ through ptxas, with the specialisation (16-byte divisibility of pointers and
 ints) the CUDA launcher would apply. It prints registers and stack (spill)
 bytes per kernel when cuobjdump is at hand, and exits non-zero on a failure:
 a compile error, more shared memory than the target has, or a float32
-`tl.dot` left in TF32 (its TTIR says `inputPrecision = tf32`).
+`tl.dot` left in plain TF32 (its TTIR says `inputPrecision = tf32`, not
+`tf32x3`).
 
 Invariant: run in a process where TRITON_INTERPRET is unset (interpreted
 kernels cannot be compiled).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -240,7 +242,7 @@ def _compile(index: int) -> tuple[bool, str]:
     if compiled.metadata.shared > _MAX_SHARED[arch]:  # would fail to load on the device
         return False, f"FAIL {label}: {compiled.metadata.shared} bytes of shared memory, sm_{arch} has {_MAX_SHARED[arch]}"
     # float32 operands must not be rounded to TF32 by the tensor cores (kernels/_dot.py).
-    if constants.get("DOT_DTYPE") == "fp32" and "inputPrecision = tf32" in compiled.asm["ttir"]:
+    if constants.get("DOT_DTYPE") == "fp32" and re.search(r"inputPrecision = tf32\b(?!x3)", compiled.asm["ttir"]):
         return False, f"FAIL {label}: a float32 tl.dot compiles to TF32"
     return True, f"ok   {label} smem={compiled.metadata.shared} {_resource_usage(compiled.asm['cubin'])}"
 
