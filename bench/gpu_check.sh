@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, within 9 minutes on one GPU, for a
 # machine with the repo copied as-is (torch, triton, transformers, numpy,
-# pytest; no web stack, nothing installed: PYTHONPATH points at the repo):
+# pytest; no web stack, no network, nothing installed: PYTHONPATH points at
+# the repo). What the server needs beyond that travels as wheels in .whl/,
+# laid out here beforehand by `python -m bench.gpu_wheels` (Python 3.12 for
+# the GPU image, and this interpreter's for the dry run):
 #
-#   bash bench/gpu_check.sh          # on the GPU machine
-#   bash bench/gpu_check.sh --cpu    # dry run here: tiny shapes, the CUDA tests skip
-#   bash bench/gpu_check.sh --moe    # (with or without --cpu) adds step 4, the MoE benchmark
+#   python -m bench.gpu_wheels                 # here, once: .whl/ (~18 MiB, git-ignored)
+#   bash bench/gpu_check.sh --serve            # on the GPU machine, carrying .whl
+#   bash bench/gpu_check.sh --cpu --serve      # dry run here: tiny shapes, the CUDA tests skip
+#   bash bench/gpu_check.sh --moe              # (with or without --cpu) adds step 4, the MoE benchmark
+#
+# Step 0 installs the wheels into $OUT/site (pip --no-index --no-deps
+# --target, each interpreter picks its own), puts it first on PYTHONPATH and
+# checks the layout (`bench.gpu_wheels --check`): every requirement carried
+# or on the image, every carried package loaded from there. The dry run
+# installs and imports from exactly that layout.
 #
 # Steps, in order, each under its own timeout; a failed step does not stop
 # the later ones, and the exit status is non-zero if any failed:
@@ -33,21 +43,30 @@
 #      over experts at 1/64/4096 tokens, then the Qwen3-30B-A3B shape (bf16,
 #      weights built on the device) at decode batch 1/64/256 against its
 #      roofline and on the nano-vllm workload.
+#   5. with --serve (GPU_CHECK_SERVE_S, default 200 s, taken from step 3):
+#      bench/overhead.py on the Qwen3-0.6B shape (tiny-qwen3 with --cpu):
+#      offline steps, then `pagedinfer serve` started, streamed by the serving
+#      benchmark's client at c=1/64/256, and stopped; then the start-up path
+#      (KV profile of 8192 tokens, every prefill bucket tuned, one request)
+#      of a model with 2048 positions, under compute-sanitizer's memcheck
+#      where the image has it and it runs.
 # Results: $OUT/gpu_check.tar.gz (every log, JSON and markdown, JUnit XML of
 # the tests) and $OUT/gpu_check_summary.txt next to it (steps, their status,
 # the benchmark tables). $OUT defaults to bench/out/gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-mode=cuda moe=0
+mode=cuda moe=0 serve=0
 for arg in "$@"; do
     case $arg in
         --cpu) mode=cpu ;;
         --moe) moe=1 ;;
+        --serve) serve=1 ;;
         *) echo "unknown argument $arg" >&2; exit 2 ;;
     esac
 done
 moe_s=$((moe ? ${GPU_CHECK_MOE_S:-240} : 0))
+serve_s=$((serve ? ${GPU_CHECK_SERVE_S:-200} : 0))
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
@@ -57,7 +76,8 @@ stage="$out/gpu_check"  # archived, then removed: one archive is the result
 rm -rf "$stage"
 mkdir -p "$stage"
 summary="$out/gpu_check_summary.txt"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+site="$(pwd)/$out/site"
+export PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 deadline=$((start + ${GPU_CHECK_BUDGET_S:-530}))  # 9 minutes less the archiving
@@ -111,6 +131,17 @@ test_step() {
     fi
 } 2>&1 | tee "$stage/env.txt"
 
+echo "== 0. wheels: .whl -> $site"
+rm -rf "$site"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    run_step wheels 120 bash -c "'$PY' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --find-links .whl --target '$site' \$('$PY' -c 'from bench.gpu_wheels import CARRIED; print(*CARRIED)') \
+        && '$PY' -m bench.gpu_wheels --check '$site'"
+else
+    steps+=("$(printf '%-20s %-14s %5ss  %s' wheels MISSING 0 "no .whl/: run python -m bench.gpu_wheels first")")
+    status=1
+fi
+
 if [[ $mode == cuda ]]; then
     # Not the sm_90 compile check: on a GPU the CUDA cases compile for real.
     kernel_select=(-k "cuda and not compile_for_cuda")
@@ -136,7 +167,7 @@ echo "== 2. kernel benchmark ($mode)"
 run_step bench_kernels 240 "$PY" -m bench.kernels "${kernels_args[@]}" --out "$stage/kernels.json"
 
 echo "== 3. engine benchmark ($mode)"
-left=$((deadline - moe_s - $(date +%s)))
+left=$((deadline - moe_s - serve_s - $(date +%s)))
 if [[ $left -lt 90 ]]; then
     steps+=("$(printf '%-20s %-14s %5ss  %s' gpu_bench SKIPPED 0 "only ${left}s left of the budget")")
     status=1
@@ -153,6 +184,25 @@ if ((moe)); then
     moe_args=(--budget-s $((left - 15)))
     [[ $mode == cpu ]] && moe_args+=(--cpu)
     run_step gpu_moe "$left" env OUT="$stage/gpu_moe" PYTHON="$PY" bash bench/gpu_moe.sh "${moe_args[@]}"
+fi
+
+if ((serve)); then
+    echo "== 5. serving and start-up ($mode)"
+    left=$((deadline - $(date +%s)))
+    if [[ $mode == cuda ]]; then
+        overhead_args=(--model Qwen3-0.6B --device cuda)
+    else
+        overhead_args=(--model tiny-qwen3 --device cpu --levels 1,4 --output-len 16)
+    fi
+    run_step serve_overhead $((left - 60)) "$PY" -m bench.overhead "${overhead_args[@]}" \
+        --out "$stage/overhead.json" --log "$stage/serve.log"
+    sanitizer=()
+    if [[ $mode == cuda ]] && command -v compute-sanitizer >/dev/null; then
+        sanitizer=(compute-sanitizer --tool memcheck --error-exitcode 3)
+    fi
+    left=$((deadline - $(date +%s)))
+    run_step startup_2k_positions $((left > 20 ? left : 20)) "${sanitizer[@]}" "$PY" -m bench.gpu_startup \
+        --device "$mode"
 fi
 
 {
@@ -175,6 +225,10 @@ fi
     if [[ -f $stage/gpu_moe/gpu_bench/gpu_bench.md ]]; then
         echo
         cat "$stage/gpu_moe/gpu_bench/gpu_bench.md"
+    fi
+    if [[ -f $stage/serve_overhead.txt ]]; then
+        echo
+        grep '^|' "$stage/serve_overhead.txt"
     fi
 } > "$summary"
 cp "$summary" "$stage/"
