@@ -17,8 +17,9 @@ in every version, maps only in its newest.
 
 Block hashes go out as vLLM does by default (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES):
 the low 64 bits of the 32-byte hash read big-endian, as an unsigned int.
-`extra_keys` holds one entry per block of the event: the tuple that went into
-its hash, or None. `medium` is "GPU", vLLM's name for the engine's own KV
+`extra_keys` holds one entry per block of the event: the tuple that
+sha256_cbor puts into its hash (`(cache_salt,)` on a salted prefix's first
+block), or None. `medium` is "GPU", vLLM's name for the engine's own KV
 pool, on any device: routers score that tier as the live cache.
 """
 
