@@ -37,7 +37,7 @@ def _full_cache(num_blocks: int) -> tuple[BlockManager, list[Request]]:
         request.block_table = manager.allocate(per_request)
         request.num_computed_tokens = per_request * BLOCK_SIZE - 3
         half = request.block_table[: per_request // 2]
-        manager.cache_blocks(half, [os.urandom(32) for _ in half])
+        manager.cache_blocks(half, [os.urandom(32) for _ in half], [0] * (len(half) * BLOCK_SIZE))
         requests.append(request)
     return manager, requests
 

@@ -38,6 +38,7 @@ from inference.core_protocol import (
     CoreFailed,
     CoreReady,
     KVSnapshot,
+    ResetPrefixCache,
     Shutdown,
     SnapshotKV,
     StepOutputs,
@@ -198,6 +199,12 @@ class AsyncLLM:
             raise EngineDeadError("engine is not running")
         return await self._kv_snapshot.get(lambda: self._send(SnapshotKV()))
 
+    def reset_prefix_cache(self) -> None:
+        """Have the core forget every cached prefix before its next step."""
+        if not self.is_ready:
+            raise EngineDeadError("engine is not running")
+        self._send(ResetPrefixCache())
+
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core process and fail whatever is still open."""
         if self.dead_error is None:
@@ -220,7 +227,7 @@ class AsyncLLM:
         self._context.term()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV) -> None:
+    def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV | ResetPrefixCache) -> None:
         try:
             self._inputs.send(self._input_codec.encode(message), zmq.NOBLOCK)
         except zmq.Again:  # only a core that never connected refuses

@@ -18,16 +18,18 @@ Invariants:
   in the free queue.
 - Eviction order is the free-queue order: least recently freed first, and a
   request's blocks are freed tail first so its tail goes before its head.
-- Block hashes are SHA-256 chained over (parent hash, salt, token ids). A
-  collision is negligible at this strength, so hits are not re-verified
-  against the tokens.
+- Block hashes come from `inference/block_hashing.py`; this file only
+  compares them.
+- With `record_events` on, every change to the set of cached hashes is
+  appended to `events` (inference/kv_cache_events.py) in the order it
+  happened; the engine core takes the list. Off, nothing is recorded.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from dataclasses import dataclass
+
+from inference.kv_cache_events import BlocksRemoved, BlocksStored, CacheCleared, KVCacheEvent
 
 
 @dataclass(slots=True, eq=False)
@@ -80,27 +82,9 @@ class FreeBlockQueue:
         return ids
 
 
-def hash_block(parent_hash: bytes | None, token_ids: list[int], salt: str | None = None) -> bytes:
-    h = hashlib.sha256(parent_hash or b"")
-    if salt:
-        h.update(salt.encode())
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
-
-
-def hash_blocks(
-    token_ids: list[int], block_size: int, salt: str | None, known: list[bytes] | None = None
-) -> list[bytes]:
-    """Chained hashes of every full block of `token_ids`, extending `known`."""
-    hashes = list(known or [])
-    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hashes[-1] if hashes else None
-        hashes.append(hash_block(parent, token_ids[start : start + block_size], salt))
-    return hashes
-
-
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 record_events: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -109,6 +93,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}
+        self.record_events = record_events
+        self.events: list[KVCacheEvent] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -174,26 +160,52 @@ class BlockManager:
         self.free([block_id])
         return new_id
 
-    def cache_blocks(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
-        """Register full, computed blocks under their hashes."""
+    def cache_blocks(self, block_ids: list[int], block_hashes: list[bytes], token_ids: list[int],
+                     cache_salt: str | None = None) -> None:
+        """Register full, computed blocks under their hashes: `block_ids` and
+        `block_hashes` are a request's first blocks, `token_ids` its tokens
+        (read only to record events)."""
         if not self.enable_prefix_caching:
             return
-        for block_id, block_hash in zip(block_ids, block_hashes):
+        run_start = None  # first block of the run of newly cached blocks, for one event per run
+        for index, (block_id, block_hash) in enumerate(zip(block_ids, block_hashes)):
             block = self.blocks[block_id]
-            if block.block_hash is not None:
+            if block.block_hash is None and block_hash not in self.cached:
+                block.block_hash = block_hash
+                self.cached[block_hash] = block
+                if run_start is None:
+                    run_start = index
                 continue
-            if block_hash in self.cached:
-                continue  # another block holds the same data; keep the first
-            block.block_hash = block_hash
-            self.cached[block_hash] = block
+            # Already cached, or another block holds the same data (keep the first).
+            if run_start is not None and self.record_events:
+                self._record_stored(block_hashes, run_start, index, token_ids, cache_salt)
+            run_start = None
+        if run_start is not None and self.record_events:
+            self._record_stored(block_hashes, run_start, min(len(block_ids), len(block_hashes)), token_ids, cache_salt)
+
+    def _record_stored(self, block_hashes: list[bytes], start: int, stop: int, token_ids: list[int],
+                       cache_salt: str | None) -> None:
+        size = self.block_size
+        self.events.append(BlocksStored(
+            block_hashes[start:stop], block_hashes[start - 1] if start else None,
+            token_ids[start * size : stop * size], start, cache_salt,
+        ))
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.record_events:
+                    self.events.append(BlocksRemoved([block.block_hash]))
             block.block_hash = None
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached.values():
             block.block_hash = None
         self.cached.clear()
+        if self.record_events:
+            self.events.append(CacheCleared())
+
+    def take_events(self) -> list[KVCacheEvent]:
+        events, self.events = self.events, []
+        return events

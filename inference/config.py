@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.block_hashing import HASH_ALGOS
+from inference.kv_events_config import KVEventsConfig
+
 DTYPES = ("float32", "float16", "bfloat16")
 # "dummy": random weights built on the device, no weight files read (benchmarks
 # of shapes too large to write to disk; outputs are meaningless).
@@ -23,6 +26,7 @@ class SchedulerConfig:
     max_model_len: int
     block_size: int
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
 
 
 @dataclass(slots=True)
@@ -49,6 +53,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # How `dtype` was chosen, for the start-up log.
     dtype_reason: str = "asked for"
+    prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
+    # KV-cache events for routers (inference/kv_events_config.py); None: off.
+    kv_events: KVEventsConfig | None = None
 
     @classmethod
     def create(
@@ -67,6 +74,8 @@ class EngineConfig:
         enforce_eager: bool | None = None,
         load_format: str = "safetensors",
         tensor_parallel_size: int = 1,
+        prefix_caching_hash_algo: str = "sha256_cbor",
+        kv_events: KVEventsConfig | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -84,6 +93,8 @@ class EngineConfig:
             dtype, dtype_reason = auto_dtype(device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {dtype!r}")
+        if prefix_caching_hash_algo not in HASH_ALGOS:
+            raise ValueError(f"prefix_caching_hash_algo must be one of {HASH_ALGOS}, got {prefix_caching_hash_algo!r}")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
         if block_size not in (8, 16, 32, 64):
@@ -138,6 +149,8 @@ class EngineConfig:
             load_format=load_format,
             tensor_parallel_size=tensor_parallel_size,
             dtype_reason=dtype_reason,
+            prefix_caching_hash_algo=prefix_caching_hash_algo,
+            kv_events=kv_events if kv_events is not None and kv_events.enabled else None,
         )
 
     def describe_dtype(self) -> str:
@@ -150,6 +163,7 @@ class EngineConfig:
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
+            prefix_caching_hash_algo=self.prefix_caching_hash_algo,
         )
 
 

@@ -40,6 +40,7 @@ from inference.core_protocol import (
     AddRequest,
     CoreFailed,
     CoreReady,
+    ResetPrefixCache,
     Shutdown,
     SnapshotKV,
     StepOutputs,
@@ -151,6 +152,9 @@ class _CoreLoop:
                 return None
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
+                continue
+            if isinstance(message, ResetPrefixCache):
+                self.core.reset_prefix_cache()
                 continue
             self._add(message)
 

@@ -40,6 +40,7 @@ class EngineStats:
     # Per tensor-parallel rank, by rank: weights + KV cache on the CPU, all
     # that rank allocated on CUDA; one entry without tensor parallelism.
     rank_memory_bytes: list[int] = field(default_factory=list)
+    num_kv_events_dropped: int = 0  # KV-cache events the publisher's full queue refused
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -106,7 +107,13 @@ class SnapshotKV:
     """Ask for a `KVSnapshot`; the core answers between two steps."""
 
 
-CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV)
+@dataclass(slots=True)
+class ResetPrefixCache:
+    """Forget every cached prefix, between two steps; a snapshot asked for
+    after it sees the empty cache (one socket, in order)."""
+
+
+CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV, ResetPrefixCache)
 
 
 # ---- core -> front end -------------------------------------------------------

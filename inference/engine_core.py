@@ -70,8 +70,17 @@ class EngineCore:
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(config.model)
         self.runner = ModelRunner(config, self.hf_config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+            record_events=config.kv_events is not None,
+        )
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        self.kv_events = None
+        if config.kv_events is not None:
+            # Imported only when asked for: the offline engine needs neither ZeroMQ nor msgspec.
+            from inference.kv_events_publisher import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(config.kv_events, config.block_size)
         # leader request id -> (its grammar's Future, whether its add started the compile)
         self.compiling: dict[str, tuple[Future, bool]] = {}
         self.grammar_compiles: list[tuple[str, float]] = []  # (request id, seconds) since the last step
@@ -177,7 +186,18 @@ class EngineCore:
                 prompt_logprobs=result.prompt_logprobs.get(rid),
             ))
         compiles, self.grammar_compiles = self.grammar_compiles, []
+        self._publish_kv_events()
         return StepOutputs(outputs, scheduled_at, now, grammar_compiles=compiles)
+
+    def _publish_kv_events(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.publish(self.block_manager.take_events())
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep their data, and
+        re-register as their requests go on); subscribers hear AllBlocksCleared."""
+        self.block_manager.reset_prefix_cache()
+        self._publish_kv_events()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -200,6 +220,7 @@ class EngineCore:
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
             rank_memory_bytes=self.runner.rank_memory_bytes,
+            num_kv_events_dropped=self.kv_events.num_dropped_events if self.kv_events is not None else 0,
         )
 
     def kv_snapshot(self) -> KVSnapshot:
@@ -207,5 +228,7 @@ class EngineCore:
         return take_kv_snapshot(self.block_manager, self.scheduler.requests.values(), self.stats())
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks, if any; the core is unusable after."""
+        """Stop the tensor-parallel ranks and the event publisher, if any; the core is unusable after."""
+        if self.kv_events is not None:
+            self.kv_events.shutdown()
         self.runner.shutdown()

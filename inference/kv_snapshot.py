@@ -25,7 +25,7 @@ The JSON (`GET /debug/kv` and each event of `GET /debug/kv/stream` add
       "num_cached_blocks": 120,   # free, still holding a cached prefix
       "num_shared_blocks": 16,    # ref_cnt > 1
       "ref_cnts": [0, 2, 1, ...],            # one per block id
-      "hashes": [null, "9f3a61c2", ...],     # first 8 hex digits of the prefix hash, or null
+      "hashes": [null, "9f3a61c2", ...],     # last 8 hex digits of the prefix hash, or null
       "requests": [                          # every request holding blocks: ids only, never text
         {"request_id": "cmpl-...", "block_table": [1, 2, 7], "num_computed_tokens": 40}
       ],
@@ -50,7 +50,10 @@ if TYPE_CHECKING:
     from inference.block_manager import BlockManager
     from inference.request import Request
 
-HASH_HEX_DIGITS = 8  # enough to tell blocks apart on sight
+# Enough to tell blocks apart on sight. The last digits, so that a block
+# reads the same here as in the KV-cache events, which carry the hash's
+# low 64 bits (inference/kv_events_wire.py).
+HASH_HEX_DIGITS = 8
 
 
 def take_kv_snapshot(block_manager: BlockManager, requests: Iterable[Request], stats: EngineStats) -> KVSnapshot:
@@ -72,7 +75,7 @@ def take_kv_snapshot(block_manager: BlockManager, requests: Iterable[Request], s
 def kv_snapshot_json(snapshot: KVSnapshot) -> dict[str, Any]:
     """The documented JSON form (see the module docstring)."""
     ref_cnts = snapshot.ref_cnts
-    hashes = [None if h is None else h[: HASH_HEX_DIGITS // 2].hex() for h in snapshot.block_hashes]
+    hashes = [None if h is None else h[-(HASH_HEX_DIGITS // 2) :].hex() for h in snapshot.block_hashes]
     stats = asdict(snapshot.stats)
     stats["prefix_cache_hit_rate"] = snapshot.stats.prefix_cache_hit_rate
     return {

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.block_manager import BlockManager, hash_blocks
+from inference.block_hashing import BlockHasher
+from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
 from inference.request import Request, RequestStatus
 
@@ -69,6 +70,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.block_size = config.block_size
+        self.hasher = BlockHasher.create(config.prefix_caching_hash_algo)
         self.waiting: list[_WaitingEntry] = []  # heap
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -204,7 +206,7 @@ class Scheduler:
         """Block ids of the cached prefix a request being admitted can reuse."""
         if not self.config.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
-        request.block_hashes = hash_blocks(
+        request.block_hashes = self.hasher.hash_blocks(
             request.token_ids, self.block_size, request.cache_salt, request.block_hashes
         )
         max_blocks = (request.num_tokens_target - 1) // self.block_size
@@ -283,11 +285,13 @@ class Scheduler:
             return
         num_full = request.num_computed_tokens // self.block_size
         if num_full > len(request.block_hashes):
-            request.block_hashes = hash_blocks(
+            request.block_hashes = self.hasher.hash_blocks(
                 request.token_ids[: num_full * self.block_size], self.block_size,
                 request.cache_salt, request.block_hashes,
             )
-        self.block_manager.cache_blocks(request.block_table[:num_full], request.block_hashes[:num_full])
+        self.block_manager.cache_blocks(
+            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt
+        )
 
     def _fork(self, leader: Request) -> None:
         for sample in leader.pending_samples:

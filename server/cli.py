@@ -1,4 +1,10 @@
-"""The `pagedinfer` command: prepare-model, generate and serve."""
+"""The `pagedinfer` command: prepare-model, generate and serve.
+
+A bad flag stops the command before anything loads, with exit code 2 (as
+argparse does): argparse's own checks print the usage too; the checks of
+`check_args` (the JSON of --kv-events-config, the hash algorithm, whether
+the event endpoints can be bound) print one line saying what is wrong.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", type=int, default=1,
         help="split the model across this many processes (one GPU each on CUDA)",
     )
+    parser.add_argument(
+        "--prefix-caching-hash-algo", default="sha256_cbor", metavar="{sha256_cbor,sha256}",
+        help="block hash: sha256_cbor is vLLM's, which routers recompute (share PYTHONHASHSEED across "
+             "the fleet); sha256 is pagedinfer's older, cheaper one",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -49,7 +60,45 @@ def engine_config_from_args(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         load_format=args.load_format,
         tensor_parallel_size=args.tensor_parallel_size,
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+        kv_events=_kv_events_config(args),
     )
+
+
+def _kv_events_config(args: argparse.Namespace):
+    from inference.kv_events_config import KVEventsConfig
+
+    text = getattr(args, "kv_events_config", None)  # a serve flag only
+    return None if text is None else KVEventsConfig.from_json(text)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags that argparse cannot check, or None."""
+    from inference.block_hashing import HASH_ALGOS
+
+    if args.prefix_caching_hash_algo not in HASH_ALGOS:
+        return (f"argument --prefix-caching-hash-algo: unknown algorithm {args.prefix_caching_hash_algo!r} "
+                f"(choose from {', '.join(HASH_ALGOS)})")
+    try:
+        config = _kv_events_config(args)
+    except ValueError as exc:
+        return f"argument --kv-events-config: {exc}"
+    if config is not None and config.enabled:
+        import zmq
+
+        from inference.kv_events_publisher import open_sockets
+
+        # Bound here and let go at once: the engine core binds them again once loaded.
+        context = zmq.Context()
+        try:
+            for socket in open_sockets(context, config):
+                if socket is not None:
+                    socket.close(linger=0)
+        except ValueError as exc:
+            return f"argument --kv-events-config: {exc}"
+        finally:
+            context.term()
+    return None
 
 
 def build_core(args: argparse.Namespace):
@@ -111,12 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-compat", choices=["none", "vllm"], default="none")
     serve.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
     serve.add_argument("--disable-console", action="store_true", help="no web console at / and no /debug/*")
+    serve.add_argument(
+        "--kv-events-config", default=None, metavar="JSON",
+        help='publish KV-cache events for routers, vLLM\'s JSON: {"enable_kv_cache_events": true, '
+             '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv@pod@model"}',
+    )
     serve.set_defaults(func=_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("generate", "serve"):
+        problem = check_args(args)
+        if problem is not None:
+            parser.exit(2, f"pagedinfer {args.command}: error: {problem}\n")
     return args.func(args)
 
 

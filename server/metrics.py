@@ -10,7 +10,12 @@ the same event loop, so it never sees half a step.
 
 Every series carries `model_name` (the --served-model-name), which the
 autoscaling queries in deploy/k8s filter on. With `--metrics-compat vllm`
-the same values are exported a second time under vLLM's names.
+the same values are exported a second time under vLLM's names, and
+`vllm:cache_config_info` (value 1) tells routers the KV cache's shape in
+vLLM's label names and value format: `block_size`, `num_gpu_blocks` (the
+engine's KV blocks, on whatever device), `enable_prefix_caching`,
+`prefix_caching_hash_algo` and `engine` ("0"); like vLLM's, it carries no
+`model_name`. It appears once the model is loaded.
 
 What counts as what:
 - the histograms observe once per request (the prompt given to the engine;
@@ -78,7 +83,10 @@ COUNTERS = {
                        "Prompt blocks looked up in the prefix cache"),
     "prefix_hits": ("pagedinfer_prefix_cache_hits", "vllm:prefix_cache_hits",
                     "Prompt blocks found in the prefix cache"),
+    "kv_events_dropped": ("pagedinfer_kv_events_dropped", None,
+                          "KV-cache events dropped because the publisher's queue was full"),
 }
+CACHE_CONFIG_INFO = ("vllm:cache_config_info", "Information of the LLMEngine CacheConfig")
 SUCCESS = ("pagedinfer_request_success", "vllm:request_success", "Finished completions by finish reason")
 STRUCTURED = ("pagedinfer_structured_requests", None, "Finished structured-output requests by grammar kind")
 HISTOGRAMS = {
@@ -180,6 +188,7 @@ class EngineMetrics(Collector):
         counters["preemptions"] = stats.num_preemptions
         counters["prefix_queries"] = stats.prefix_cache_queries
         counters["prefix_hits"] = stats.prefix_cache_hits
+        counters["kv_events_dropped"] = stats.num_kv_events_dropped
         self._gauges.update(
             running=stats.num_running,
             waiting=stats.num_waiting,
@@ -238,12 +247,32 @@ class EngineMetrics(Collector):
         for kind, count in structured.items():
             family.add_metric([self.model_name, kind], float(count))
         yield family
+        if self.vllm_names:
+            yield from self._cache_config_info()
         for key, spec in HISTOGRAMS.items():
             buckets, total = histograms[key]
             for name in self._names(spec):
                 family = HistogramMetricFamily(name, spec[2], labels=["model_name"])
                 family.add_metric(label, buckets, total)
                 yield family
+
+    def _cache_config_info(self) -> Iterator[Metric]:
+        engine = self.state.engine
+        config = engine.config if engine is not None else None  # None until the model is loaded
+        stats = engine.stats() if engine is not None else None
+        if config is None or stats is None:
+            return
+        # vLLM's values are str() of its config fields: "16", "True".
+        labels = {
+            "block_size": str(config.block_size),
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "engine": "0",
+            "num_gpu_blocks": str(stats.num_total_blocks),
+            "prefix_caching_hash_algo": config.prefix_caching_hash_algo,
+        }
+        family = GaugeMetricFamily(CACHE_CONFIG_INFO[0], CACHE_CONFIG_INFO[1], labels=list(labels))
+        family.add_metric(list(labels.values()), 1.0)
+        yield family
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

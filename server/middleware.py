@@ -12,9 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
 
-# The model API and the console's data need the key; probes, metrics,
-# version, docs and the console page itself (it asks for the key) do not.
-PROTECTED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/debug/")
+# The model API, the console's data and the cache reset need the key; probes,
+# metrics, version, docs and the console page itself (it asks for the key) do not.
+PROTECTED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/debug/", "/reset_prefix_cache")
 
 
 class BodySizeLimit:

@@ -72,6 +72,15 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+@router.post("/reset_prefix_cache", summary="Forget every cached prefix (as vLLM's); KV-event subscribers hear AllBlocksCleared")
+async def reset_prefix_cache(request: Request) -> Response:
+    engine = _state(request).engine
+    if engine is None or not engine.is_ready:
+        return error_response(503, "The model is still loading.", code="model_loading")
+    engine.reset_prefix_cache()
+    return Response(status_code=200)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = _state(request)

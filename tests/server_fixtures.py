@@ -84,8 +84,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str) -> ServerProcess:
-    """Start `pagedinfer serve` on a free port and wait for /ready.
+def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `pagedinfer serve` on a free port and wait for /ready; `env`
+    adds to this process's environment.
 
     float32 unless the args say otherwise: tests compare the server's greedy
     tokens with offline runs and transformers, which a bfloat16 default (on a
@@ -96,7 +97,8 @@ def start_server(*args: str) -> ServerProcess:
     api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
     log = tempfile.NamedTemporaryFile(prefix="pagedinfer-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
     server = ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:

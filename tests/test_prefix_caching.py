@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference import LLM, SamplingParams
-from inference.block_manager import hash_blocks
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -65,8 +64,8 @@ def test_different_salts_never_share_blocks(engines):
     assert engine.scheduler.requests["a-again"].num_cached_tokens == 48
     while engine.has_unfinished_requests():
         engine.step()
-    a = hash_blocks(prompt, 16, "tenant-a")
-    b = hash_blocks(prompt, 16, "tenant-b")
+    a = engine.scheduler.hasher.hash_blocks(prompt, 16, "tenant-a")
+    b = engine.scheduler.hasher.hash_blocks(prompt, 16, "tenant-b")
     assert not set(a) & set(b)
 
 
@@ -80,7 +79,9 @@ def _check_pool(scheduler) -> None:
             refs[block_id] += 1
     assert [b.ref_cnt for b in bm.blocks] == refs
     for request in scheduler.running:
-        expected = hash_blocks(request.token_ids[: request.num_computed_tokens], bm.block_size, request.cache_salt)
+        expected = scheduler.hasher.hash_blocks(
+            request.token_ids[: request.num_computed_tokens], bm.block_size, request.cache_salt
+        )
         for block_id, block_hash in zip(request.block_table, expected):
             block = bm.blocks[block_id]
             assert block.block_hash in (None, block_hash)

@@ -171,7 +171,7 @@ def stack(tmp_path_factory):
     queries = all_queries()
     model, namespace = _label_value(queries, "model_name"), _label_value(queries, "namespace")
     server = start_server("--served-model-name", model, "--max-num-seqs", "2", "--num-kv-blocks", "32",
-                          "--max-model-len", "256")
+                          "--max-model-len", "256", "--metrics-compat", "vllm")
     prometheus = None
     try:
         prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), server.base_url.removeprefix("http://"),
@@ -230,3 +230,9 @@ def test_scaling_queries_follow_the_load(stack):
     assert _requests_counted(server) <= load.started
     print(f"{load.started} requests ({load.accepted} accepted, {load.finished} finished); max under load: "
           + ", ".join(f"{name}={max(v):g}" for name, v in seen.items()))
+
+
+def test_cache_config_info_reads_as_vllms(stack):
+    _, prometheus, _ = stack
+    query = 'vllm:cache_config_info{block_size="16", num_gpu_blocks="32", job="pagedinfer"}'
+    prometheus.wait("vllm:cache_config_info scraped", lambda: prometheus.query(query) == [1.0], 10)

@@ -1,0 +1,98 @@
+"""vLLM's KV-cache event wire format (vllm/distributed/kv_events.py), as msgspec structs.
+
+One ZeroMQ message per engine step that changed the cache:
+
+    frame 0  topic (bytes of the configured topic)
+    frame 1  sequence number, 8 bytes big-endian, +1 per batch from 0
+    frame 2  msgpack KVEventBatch: [ts, [event, ...], data_parallel_rank]
+
+Every struct is array-like (positional) and every event is tagged with its
+class name as the first element, so a `BlockStored` is
+
+    ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size,
+     lora_id, medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind]
+
+Positional, not vLLM's newer map encoding: llm-d's indexer decodes arrays
+in every version, maps only in its newest.
+
+Block hashes go out as vLLM does by default (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES):
+the low 64 bits of the 32-byte hash read big-endian, as an unsigned int.
+`extra_keys` holds one entry per block of the event: the tuple that
+sha256_cbor puts into its hash (`(cache_salt,)` on a salted prefix's first
+block), or None. `medium` is "GPU", vLLM's name for the engine's own KV
+pool, on any device: routers score that tier as the live cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from inference.block_hashing import block_extra_keys
+from inference.kv_cache_events import BlocksRemoved, BlocksStored, KVCacheEvent
+
+MEDIUM = "GPU"
+KV_CACHE_SPEC_KIND = "full_attention"
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class KVCacheEventStruct(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the tagged events (the tag is the class name)."""
+
+
+class BlockStored(KVCacheEventStruct):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class BlockRemoved(KVCacheEventStruct):
+    block_hashes: list[int]
+    medium: str | None
+    group_idx: int | None = None
+
+
+class AllBlocksCleared(KVCacheEventStruct):
+    pass
+
+
+class KVEventBatch(EventBatch):
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+
+
+def external_hash(block_hash: bytes) -> int:
+    return int.from_bytes(block_hash[-8:], "big")
+
+
+def to_wire(event: KVCacheEvent, block_size: int) -> BlockStored | BlockRemoved | AllBlocksCleared:
+    if isinstance(event, BlocksStored):
+        first = event.first_block_index
+        return BlockStored(
+            block_hashes=[external_hash(h) for h in event.block_hashes],
+            parent_block_hash=None if event.parent_block_hash is None else external_hash(event.parent_block_hash),
+            token_ids=event.token_ids,
+            block_size=block_size,
+            lora_id=None,
+            medium=MEDIUM,
+            lora_name=None,
+            extra_keys=[block_extra_keys(first + i, event.cache_salt) for i in range(len(event.block_hashes))],
+            group_idx=0,
+            kv_cache_spec_kind=KV_CACHE_SPEC_KIND,
+        )
+    if isinstance(event, BlocksRemoved):
+        return BlockRemoved(block_hashes=[external_hash(h) for h in event.block_hashes], medium=MEDIUM, group_idx=0)
+    return AllBlocksCleared()
