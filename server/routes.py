@@ -21,9 +21,11 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.serving_chat import create_chat_completion, render_chat
+from server.protocol_render import RenderedRequest
+from server.serving_chat import chat_prompt, create_chat_completion
 from server.serving_common import check_model
 from server.serving_completions import create_completion
+from server.serving_render import render_chat_completion, render_completion
 from server.state import ServerState
 
 router = APIRouter()
@@ -103,12 +105,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await create_chat_completion(_state(request), body, request)
 
 
+@router.post("/v1/completions/render", response_model=list[RenderedRequest],
+             summary="The token ids each prompt would run with, as vLLM renders them; nothing is generated")
+async def completions_render(body: CompletionRequest, request: Request) -> Response:
+    rendered = await render_completion(_loaded_state(request, body.model), body)
+    return JSONResponse([r.model_dump(mode="json") for r in rendered])
+
+
+@router.post("/v1/chat/completions/render", response_model=RenderedRequest,
+             summary="The chat-templated prompt and its token ids, as vLLM renders them; nothing is generated")
+async def chat_completions_render(body: ChatCompletionRequest, request: Request) -> Response:
+    rendered = await render_chat_completion(_loaded_state(request, body.model), body)
+    return Response(rendered.model_dump_json(), media_type="application/json")
+
+
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _loaded_state(request, body.model)
     tokenizer = state.tokenizer
     if body.messages is not None:
-        tokens = await state.run_tokenizer(render_chat, tokenizer, body.messages, body.add_generation_prompt)
+        _, tokens = await state.run_tokenizer(chat_prompt, tokenizer, body.messages, body.add_generation_prompt)
     else:
         tokens = await state.run_tokenizer(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -18,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from inference.request_stream import RequestStream
 from inference.outputs import PositionLogprobs
+from inference.sampling_params import SamplingParams
 from server.chat_replies import ToolReply
 from server.chat_tools import conversation, template_supports_tools
 from server.errors import APIError
@@ -31,7 +33,7 @@ from server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
-from server.protocol_structured import ToolDefinition
+from server.protocol_structured import NamedToolChoice, ToolDefinition
 from server.serving_common import (
     StreamTracker,
     add_requests,
@@ -52,9 +54,9 @@ from server.tool_parsers import parser_for_template
 logger = logging.getLogger(__name__)
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
-                tools: list[ToolDefinition] | None = None) -> list[int]:
-    """Prompt token ids from the tokenizer's chat template; runs on the tokenizer thread."""
+def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[ToolDefinition] | None = None) -> tuple[str, list[int]]:
+    """The chat-templated prompt and its token ids; runs on the tokenizer thread."""
     native = template_supports_tools(tokenizer.chat_template)
     kwargs = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if native and tools else {}
     try:
@@ -63,7 +65,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     except jinja2.TemplateError as exc:
         raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
     # The template already wrote any special tokens the model expects.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 def _logprobs(token_ids: list[int], positions: list[PositionLogprobs], num_top: int) -> ChoiceLogprobs:
@@ -81,31 +83,49 @@ def _logprobs(token_ids: list[int], positions: list[PositionLogprobs], num_top: 
     return ChoiceLogprobs(content=content)
 
 
-async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
-    arrival_time = time.monotonic()
-    engine = admit(state, request.model)
+@dataclass(slots=True)
+class ChatPrompt:
+    """What the engine runs for a chat request: the templated prompt and its parameters."""
+
+    text: str
+    token_ids: list[int]
+    params: SamplingParams
+    tool_choice: str | NamedToolChoice
+    tools: list[ToolDefinition] | None  # None when the model is not told of them
+
+
+async def prepare_chat(state: ServerState, request: ChatCompletionRequest) -> ChatPrompt:
+    """Validate the request and render its prompt; every problem is a 400 naming its parameter."""
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     tool_choice = effective_tool_choice(request)
     tools = request.tools if tool_choice != "none" else None  # "none": the model is not told of them
     structured = await structured_outputs(state, request)
-    token_ids = await state.run_tokenizer(render_chat, state.tokenizer, request.messages,
-                                          request.add_generation_prompt, tools)
-    if state.settings.log_prompts:
-        logger.info("chat messages: %r", [m.text() for m in request.messages])
-    num_top = request.top_logprobs or 0
+    text, token_ids = await state.run_tokenizer(chat_prompt, state.tokenizer, request.messages,
+                                                request.add_generation_prompt, tools)
     params = build_params(
         state, request, num_prompt_tokens=len(token_ids), prompt_param="messages",
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-        logprobs=num_top if request.logprobs else None, structured_outputs=structured,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None, structured_outputs=structured,
     )
+    return ChatPrompt(text, token_ids, params, tool_choice, tools)
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
+    arrival_time = time.monotonic()
+    engine = admit(state, request.model)
+    prompt = await prepare_chat(state, request)
+    if state.settings.log_prompts:
+        logger.info("chat messages: %r", [m.text() for m in request.messages])
+    num_top = request.top_logprobs or 0
     parser = parser_for_template(state.tokenizer.chat_template)
+    tools, tool_choice = prompt.tools, prompt.tool_choice
 
     def new_reply() -> ToolReply | None:
         return ToolReply(tool_choice, parser) if tools else None
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_requests(engine, request_id, [(token_ids, params)], request, arrival_time)
+    streams = await add_requests(engine, request_id, [(prompt.token_ids, prompt.params)], request, arrival_time)
     created = int(time.time())
     model = state.settings.served_model_name
     if request.stream:

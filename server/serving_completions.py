@@ -13,6 +13,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from inference.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from inference.sampling_params import SamplingParams
 from server.errors import APIError
 from server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -101,17 +102,16 @@ def _choice_logprobs(request: CompletionRequest, prompt: Prompt, output: Request
     return result
 
 
-async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request) -> Response:
-    arrival_time = time.monotonic()
-    engine = admit(state, request.model)
+async def prepare_completion(
+    state: ServerState, request: CompletionRequest,
+) -> tuple[list[Prompt], list[tuple[list[int], SamplingParams]]]:
+    """Tokenize every prompt and build its parameters; every problem is a 400 naming its parameter."""
     prompt_inputs = _prompt_list(request.prompt)
     structured = await structured_outputs(state, request)
     echo_logprobs = request.echo and request.logprobs is not None
     prompts = await state.run_tokenizer(
         _tokenize, state.tokenizer, state.vocab_size, prompt_inputs, request.echo, echo_logprobs
     )
-    if state.settings.log_prompts:
-        logger.info("completion prompts: %r", [p.text for p in prompts])
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     engine_inputs = [
         (p.token_ids, build_params(
@@ -121,6 +121,15 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
         ))
         for p in prompts
     ]
+    return prompts, engine_inputs
+
+
+async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request) -> Response:
+    arrival_time = time.monotonic()
+    engine = admit(state, request.model)
+    prompts, engine_inputs = await prepare_completion(state, request)
+    if state.settings.log_prompts:
+        logger.info("completion prompts: %r", [p.text for p in prompts])
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_requests(engine, request_id, engine_inputs, request, arrival_time)
     created = int(time.time())

@@ -36,6 +36,7 @@ DOCKERFILE = REPO / "Dockerfile"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 TARGETS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
 GPU_TARGETS = [t for t in TARGETS if t != "overlays/cpu-dev"]
+KEDA_TARGETS = ["overlays/keda", "overlays/model-pvc", "overlays/inference-gateway"]
 
 # Oldest Kubernetes minor the manifests promise to work on, and the newest the
 # validator knows.
@@ -44,6 +45,9 @@ K8S_FLOOR = "1.30"
 # Built-in API groups (validated by kubernetes-validate); any other group is a
 # CRD and needs a schema in deploy/k8s/schemas.
 BUILTIN_GROUPS = {"", "apps", "batch", "policy", "autoscaling", "networking.k8s.io", "rbac.authorization.k8s.io"}
+
+# The namespace whose gateway proxies base/networkpolicy.yaml admits.
+GATEWAY_NAMESPACE = "gateway"
 
 
 # ---------------------------------------------------------------- helpers
@@ -106,6 +110,22 @@ def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
         for doc in docs
         if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")
     ]
+
+
+def server_deployment(docs: list[dict]) -> dict:
+    """The Deployment of `pagedinfer serve` (overlays may add others, e.g. the endpoint picker)."""
+    found = [d for d in of_kind(docs, "Deployment")
+             if any(c["name"] == "server" for c in d["spec"]["template"]["spec"]["containers"])]
+    assert len(found) == 1, f"expected one server Deployment, found {len(found)}"
+    return found[0]
+
+
+def server_service(docs: list[dict]) -> dict:
+    """The Service in front of the server pods."""
+    pod_labels = server_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    found = [s for s in of_kind(docs, "Service") if selector_matches(s["spec"]["selector"], pod_labels)]
+    assert len(found) == 1, f"expected one Service for the server pods, found {len(found)}"
+    return found[0]
 
 
 def server_container(deployment: dict) -> dict:
@@ -228,14 +248,18 @@ def validation_errors(doc: dict) -> list[str]:
 
 
 def test_tree_has_the_expected_overlays():
-    assert {"keda", "hpa", "model-pvc", "cpu-dev", "tensor-parallel"} <= set(OVERLAYS)
+    assert {"keda", "hpa", "model-pvc", "cpu-dev", "tensor-parallel", "inference-gateway"} <= set(OVERLAYS)
     assert (K8S / "README.md").is_file()
 
 
 def test_crd_schemas_are_vendored_with_licence_and_provenance():
-    for name in ("LICENSE.CRDs-catalog", "PROVENANCE.txt"):
+    for name in ("LICENSE.CRDs-catalog", "LICENSE.gateway-api-inference-extension", "PROVENANCE.txt"):
         assert (SCHEMAS / name).is_file(), name
-    for path in ("keda.sh/scaledobject_v1alpha1.json", "monitoring.coreos.com/servicemonitor_v1.json"):
+    provenance = (SCHEMAS / "PROVENANCE.txt").read_text()
+    for path in ("keda.sh/scaledobject_v1alpha1.json", "monitoring.coreos.com/servicemonitor_v1.json",
+                 "inference.networking.k8s.io/inferencepool_v1.json", "gateway.networking.k8s.io/httproute_v1.json",
+                 "gateway.networking.k8s.io/gateway_v1.json"):
+        assert path in provenance, f"{path} has no provenance"
         json.loads((SCHEMAS / path).read_text())
 
 
@@ -253,20 +277,24 @@ def test_renders_and_every_object_validates_strictly(target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_namespaced_objects_name_their_namespace(target):
     docs = render(target)
-    namespace = the(docs, "Deployment")["metadata"]["namespace"]
+    namespace = server_deployment(docs)["metadata"]["namespace"]
     for doc in docs:
         if doc["kind"] == "Namespace":
             assert doc["metadata"]["name"] == namespace
             continue
         ns = doc["metadata"].get("namespace")
         assert ns, f"{doc['kind']}/{doc['metadata']['name']} has no namespace: it would land in `default`"
-        if doc["kind"] != "ConfigMap" or "prometheus-adapter" not in doc["metadata"]["name"]:
+        # Two objects live with the software they configure: the adapter's
+        # rules in its namespace, a Gateway in the gateway namespace.
+        elsewhere = (doc["kind"] == "ConfigMap" and "prometheus-adapter" in doc["metadata"]["name"]) or (
+            doc["kind"] == "Gateway" and ns == GATEWAY_NAMESPACE)
+        if not elsewhere:
             assert ns == namespace, f"{doc['kind']}/{doc['metadata']['name']} is in {ns}, not {namespace}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_server_arguments_are_accepted_by_the_cli(target):
-    deployment = the(render(target), "Deployment")
+    deployment = server_deployment(render(target))
     container = server_container(deployment)
     args = server_args(container)
     assert args.host == "0.0.0.0"
@@ -278,7 +306,7 @@ def test_server_arguments_are_accepted_by_the_cli(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_termination_grace_covers_prestop_and_drain(target):
-    deployment = the(render(target), "Deployment")
+    deployment = server_deployment(render(target))
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
     sleep = prestop_sleep_seconds(container)
@@ -290,7 +318,7 @@ def test_termination_grace_covers_prestop_and_drain(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_probes(target):
-    container = server_container(the(render(target), "Deployment"))
+    container = server_container(server_deployment(render(target)))
     port_names = {p["name"] for p in container["ports"]} | {p["containerPort"] for p in container["ports"]}
     startup, readiness, liveness = (container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe"))
     assert startup["httpGet"]["path"] in ("/ready", "/health")
@@ -350,7 +378,7 @@ def test_every_container_has_requests_and_limits(target):
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_gpu_targets_ask_for_one_gpu_per_rank_on_gpu_nodes(target):
-    deployment = the(render(target), "Deployment")
+    deployment = server_deployment(render(target))
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
     num_ranks = server_args(container).tensor_parallel_size
@@ -361,7 +389,7 @@ def test_gpu_targets_ask_for_one_gpu_per_rank_on_gpu_nodes(target):
 
 
 def test_tensor_parallel_overlay_has_two_gpus_and_a_memory_backed_shm():
-    deployment = the(render("overlays/tensor-parallel"), "Deployment")
+    deployment = server_deployment(render("overlays/tensor-parallel"))
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
     assert server_args(container).tensor_parallel_size == 2
@@ -375,7 +403,7 @@ def test_tensor_parallel_overlay_has_two_gpus_and_a_memory_backed_shm():
 def test_cpu_dev_has_no_gpu_anything():
     text = _render_text("overlays/cpu-dev")
     assert "nvidia" not in text
-    deployment = the(render("overlays/cpu-dev"), "Deployment")
+    deployment = server_deployment(render("overlays/cpu-dev"))
     pod = deployment["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     args = server_args(server_container(deployment))
@@ -386,13 +414,13 @@ def test_cpu_dev_has_no_gpu_anything():
 @pytest.mark.parametrize("target", TARGETS)
 def test_selectors_reach_the_server_pods(target):
     docs = render(target)
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = server_container(deployment)
     port_refs = {p["name"] for p in container["ports"]} | {p["containerPort"] for p in container["ports"]}
     assert selector_matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
 
-    service = the(docs, "Service")
+    service = server_service(docs)
     assert selector_matches(service["spec"]["selector"], pod_labels)
     assert all(p["targetPort"] in port_refs for p in service["spec"]["ports"])
 
@@ -417,13 +445,20 @@ def test_network_policy_admits_only_gateway_and_prometheus(target):
     docs = render(target)
     policy = the(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own_namespace = policy["metadata"]["namespace"]
+    pickers = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")
+               if d is not server_deployment(docs)]
     namespaces = set()
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from"), "an ingress rule without `from` admits everyone"
         for peer in rule["from"]:
             assert "ipBlock" not in peer
-            namespaces.add(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
-    assert len(namespaces) == 2, namespaces
+            namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            if namespace == own_namespace:  # only the endpoint picker, next to the servers
+                assert any(selector_matches(peer["podSelector"]["matchLabels"], labels) for labels in pickers), peer
+            else:
+                namespaces.add(namespace)
+    assert len(namespaces) == 2 and GATEWAY_NAMESPACE in namespaces, namespaces
     # Prometheus' namespace is the one the autoscalers query.
     for trigger in (t for so in of_kind(docs, "ScaledObject") for t in so["spec"]["triggers"]):
         host = re.match(r"https?://([^/:]+)", trigger["metadata"]["serverAddress"]).group(1)
@@ -433,12 +468,12 @@ def test_network_policy_admits_only_gateway_and_prometheus(target):
 # ------------------------------------------------------------- autoscaling
 
 
-@pytest.mark.parametrize("target", ["overlays/keda", "overlays/model-pvc"])
+@pytest.mark.parametrize("target", KEDA_TARGETS)
 def test_keda_scaled_object(target):
     docs = render(target)
     scaled = the(docs, "ScaledObject")
     spec = scaled["spec"]
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert spec.get("scaleTargetRef", {}).get("kind", "Deployment") == "Deployment"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
@@ -465,13 +500,13 @@ def test_keda_scaled_object(target):
     assert triggers["kv_usage"]["metricType"] == "Value"
 
 
-@pytest.mark.parametrize("target", ["overlays/keda", "overlays/model-pvc"])
+@pytest.mark.parametrize("target", KEDA_TARGETS)
 def test_scaling_queries_are_the_rendered_ones_and_name_this_deployment(target):
     docs = render(target)
     rendered = {t["name"]: t["metadata"]["query"] for t in the(docs, "ScaledObject")["spec"]["triggers"]}
     assert scaling_queries() == rendered
 
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     served = server_args(server_container(deployment)).served_model_name
     for name, query in rendered.items():
         labels = dict(re.findall(r'(\w+)="([^"]*)"', query))
@@ -491,7 +526,7 @@ def test_hpa_overlay_uses_the_adapter_rules_and_the_keda_thresholds():
     docs = render("overlays/hpa")
     assert not of_kind(docs, "ScaledObject"), "KEDA and a plain HPA would fight over replicas"
     hpa = the(docs, "HorizontalPodAutoscaler")
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["metadata"]["namespace"] == deployment["metadata"]["namespace"]
     assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] < (
@@ -532,7 +567,7 @@ def test_hpa_overlay_uses_the_adapter_rules_and_the_keda_thresholds():
 def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home(target):
     docs = render(target)
     claim = the(docs, "PersistentVolumeClaim")["metadata"]["name"]
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
     [volume] = [v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim]
@@ -551,7 +586,7 @@ def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home(targe
 
 def test_validators_reject_unknown_fields():
     docs = render("overlays/keda")
-    deployment = the(docs, "Deployment")
+    deployment = server_deployment(docs)
     scaled = the(docs, "ScaledObject")
     monitor = the(docs, "ServiceMonitor")
     assert not validation_errors(deployment) and not validation_errors(scaled) and not validation_errors(monitor)
@@ -612,7 +647,7 @@ def test_dockerfile_agrees_with_the_manifests():
     users = get("USER")
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "the image must end as a numeric non-root user"
-    deployment = the(render("base"), "Deployment")
+    deployment = server_deployment(render("base"))
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == int(uid)
 
