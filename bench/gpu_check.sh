@@ -76,7 +76,7 @@ stage="$out/gpu_check"  # archived, then removed: one archive is the result
 rm -rf "$stage"
 mkdir -p "$stage"
 summary="$out/gpu_check_summary.txt"
-site="$(pwd)/$out/site"
+site="$(cd "$out" && pwd)/site"  # absolute: steps run with other working directories
 export PYTHONPATH="$site:.${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)

@@ -38,7 +38,7 @@ WHEEL_DIR = Path(__file__).resolve().parents[1] / ".whl"
 # What the GPU image lacks, by distribution name.
 CARRIED = (
     "fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "uvicorn",
-    "httptools", "pyzmq", "msgspec", "xgrammar", "apache-tvm-ffi", "gguf", "opentelemetry-api",
+    "httptools", "pyzmq", "msgspec", "xgrammar", "apache-tvm-ffi", "gguf", "opentelemetry-api", "cbor2",
     # pydantic needs a newer one than the image may have
     "typing-extensions",
 )
