@@ -68,7 +68,7 @@ class DrainingServer(uvicorn.Server):
                     engine.abort_all("the server shut down before the request finished")
                 self.should_exit = True
         elif engine is not None and engine.dead_error is not None and self.state.tokenizer is None:
-            logger.error("the engine failed to start; exiting")
+            logger.error("the engine failed to start: %s; exiting", engine.dead_error)
             self.exit_code = 1
             self.should_exit = True
         elif engine is not None and not engine.is_alive and not self.should_exit:
