@@ -90,6 +90,13 @@ def start_server(*args: str) -> ServerProcess:
     float32 unless the args say otherwise: tests compare the server's greedy
     tokens with offline runs and transformers, which a bfloat16 default (on a
     CPU with native bf16) would make batch-dependent."""
+    server = launch_server(*args)
+    wait_ready(server)
+    return server
+
+
+def launch_server(*args: str) -> ServerProcess:
+    """`start_server` without the wait: for tests of what it answers while loading."""
     if "--dtype" not in args:
         args = ("--dtype", "float32", *args)
     port = free_port()
@@ -97,14 +104,18 @@ def start_server(*args: str) -> ServerProcess:
     log = tempfile.NamedTemporaryFile(prefix="pagedinfer-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
+    return ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
+
+
+def wait_ready(server: ServerProcess) -> None:
+    """Wait until /ready answers 200; stop the server and raise if it exits or takes too long."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.25)

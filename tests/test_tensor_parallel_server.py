@@ -29,22 +29,8 @@ SERVER_ARGS = ("--max-model-len", "256", "--num-kv-blocks", "64", "--tensor-para
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template, so chat requests work."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    for path in tiny_llama_dir.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    server = start_server("--model", str(model_dir), "--shutdown-timeout", "20", *SERVER_ARGS)
+def server(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "20", *SERVER_ARGS)
     yield server
     server.stop()
 
@@ -56,13 +42,13 @@ def _core_and_ranks(server) -> tuple[int, list[int]]:
     return core_pid, ranks
 
 
-def test_openai_client_completions_chat_and_streaming(server, model_dir):
+def test_openai_client_completions_chat_and_streaming(server, tiny_llama_chat_dir):
     from inference import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
+    llm = LLM(str(tiny_llama_chat_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
     expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-    model = model_dir.name
+    model = tiny_llama_chat_dir.name
     for prompt, offline in zip(PROMPTS, expected):
         response = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
         assert response.choices[0].text == offline.outputs[0].text
@@ -75,8 +61,8 @@ def test_openai_client_completions_chat_and_streaming(server, model_dir):
     assert streamed == chat.choices[0].message.content
 
 
-def test_killed_rank_gives_503_within_5s_and_leaves_nothing(model_dir):
-    server = start_server("--model", str(model_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
+def test_killed_rank_gives_503_within_5s_and_leaves_nothing(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
     try:
         core_pid, ranks = _core_and_ranks(server)
 
