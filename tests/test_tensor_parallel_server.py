@@ -3,14 +3,16 @@
 The official `openai` client gets the offline TP=1 engine's greedy text for
 completions, and chat answers whole and streamed alike. Killing one rank's
 process turns /health to 503 within 5 s and fails the open stream; the
-server then exits 1 by itself. SIGTERM on a healthy server drains the open
-stream and exits 0.
-Neither leaves a process behind: not the core, not a rank.
+server then exits 1 by itself. So does killing rank 0, the engine-core
+process. SIGTERM on a healthy server drains the open stream and exits 0.
+None of these, nor killing the front end outright, leaves a process behind:
+not the core, not a rank.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -72,6 +74,29 @@ def test_killed_rank_gives_503_within_5s_and_leaves_nothing(tiny_llama_chat_dir)
         wait_gone([core_pid, *ranks], timeout=5)
         assert "tensor-parallel rank 1 exited with code -9" in server.log_tail(20000)
         assert server.process.wait(timeout=30) == 1, server.log_tail()  # by itself, for a restart
+    finally:
+        server.stop()
+
+
+def test_killed_rank_0_gives_503_and_leaves_no_rank_behind(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
+    try:
+        core_pid, ranks = _core_and_ranks(server)
+        events, _ = asyncio.run(kill_mid_stream(server, core_pid, max_wait_s=5.0))
+        assert "error" in events[-1] and "Generation failed" in events[-1]["error"]["message"]
+        wait_gone(ranks, timeout=5)  # the rank polls its parent once a second
+        assert server.process.wait(timeout=30) == 1, server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_killed_front_end_leaves_no_rank_behind(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), *SERVER_ARGS)
+    try:
+        core_pid, ranks = _core_and_ranks(server)
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        wait_gone([core_pid, *ranks], timeout=5)  # the core, then the rank, poll their parents once a second
     finally:
         server.stop()
 
