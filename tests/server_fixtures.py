@@ -38,6 +38,13 @@ STRUCTURED_SERVER_ARGS = (
 READY_TIMEOUT_S = 240
 
 
+def tiny_server_args(model_dir) -> tuple[str, ...]:
+    """The shared tiny-model server's: one request at a time, so that queued
+    requests show the scheduler's order and outlast a drain."""
+    return ("--model", str(model_dir), "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "1",
+            "--shutdown-timeout", "60")
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen

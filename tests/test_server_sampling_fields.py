@@ -10,8 +10,8 @@ latter. `priority` and `cache_salt` act across requests, so they get tests of
 their own: a higher priority overtakes in the queue, and another salt misses
 the prefix cache.
 
-One tiny-Llama server (float32, one request at a time, so that two queued
-requests show the scheduler's order) serves the module.
+The tiny Llama's shared server (float32, one request at a time, so that two
+queued requests show the scheduler's order) serves the module.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio
 import time
 
 import pytest
-from server_fixtures import start_server
+from server_fixtures import shared_server, tiny_server_args
 
 from inference import LLM, SamplingParams
 
@@ -31,16 +31,13 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    server = start_server("--model", str(tiny_llama_dir), "--max-model-len", "256", "--num-kv-blocks", "64",
-                          "--max-num-seqs", "1")
-    yield server
-    server.stop()
+def server(tiny_llama_chat_dir):
+    return shared_server(*tiny_server_args(tiny_llama_chat_dir))
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama_dir) -> LLM:
-    return LLM(model=str(tiny_llama_dir), dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=1)
+def llm(tiny_llama_chat_dir) -> LLM:
+    return LLM(model=str(tiny_llama_chat_dir), dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=1)
 
 
 def offline(llm: LLM, **params) -> tuple[str, str, int]:

@@ -7,9 +7,9 @@ with an error event, none is cut off) and the exit is still 0; a second
 SIGTERM ends the drain at once, the same way. A model that cannot load makes
 `serve` exit 1 with a line that says why.
 
-Two private servers, one request running at a time so that queued work
-outlasts a short drain; the test that signals a server runs last of those
-that use it.
+A private server and the shared tiny one (tests/test_server_sampling_fields.py
+uses it too), one request running at a time so that queued work outlasts a
+drain; the test that signals a server runs last of those that use it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import time
 
 import httpx
 import pytest
-from server_fixtures import launch_server, spawned_children, sse_events, wait_gone, wait_ready
+from server_fixtures import (
+    launch_server, shared_server, spawned_children, sse_events, tiny_server_args, wait_gone, wait_ready,
+)
 from test_engine import float32_block_bytes
 
 from server.api_server import CLOSE_TIMEOUT_S
@@ -35,7 +37,6 @@ LONG = {"prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True
 NUM_STREAMS = 4
 DRAIN_S = 0.5
 KV_BLOCKS = 100
-SERVER_ARGS = ("--max-model-len", "1024", "--max-num-seqs", "1")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def loading(tiny_llama_chat_dir):
     # KV_BLOCKS blocks, the scratch block, and half a block that makes no block.
     per_block = float32_block_bytes(tiny_llama_chat_dir)
     budget = (KV_BLOCKS + 1) * per_block + per_block // 2
-    server = launch_server("--model", str(tiny_llama_chat_dir), *SERVER_ARGS, "--log-prompts",
-                           "--shutdown-timeout", str(DRAIN_S), "--kv-cache-memory", str(budget))
+    server = launch_server("--model", str(tiny_llama_chat_dir), "--max-model-len", "1024", "--max-num-seqs", "1",
+                           "--log-prompts", "--shutdown-timeout", str(DRAIN_S), "--kv-cache-memory", str(budget))
     seen: list[httpx.Response] = []
     try:
         deadline = time.monotonic() + 120
@@ -60,7 +61,7 @@ def loading(tiny_llama_chat_dir):
                     seen.append(reply)
             except httpx.TransportError:
                 pass  # not listening yet
-            time.sleep(0.05)
+            time.sleep(0.2)
         wait_ready(server)
         yield server, seen
     finally:
@@ -69,12 +70,8 @@ def loading(tiny_llama_chat_dir):
 
 @pytest.fixture(scope="module")
 def quiet(tiny_llama_chat_dir):
-    """A server without --log-prompts and with a long drain."""
-    server = launch_server("--model", str(tiny_llama_chat_dir), *SERVER_ARGS, "--num-kv-blocks", "128",
-                           "--shutdown-timeout", "60")
-    wait_ready(server)
-    yield server
-    server.stop()
+    """The shared tiny server: no --log-prompts, a 60 s drain."""
+    return shared_server(*tiny_server_args(tiny_llama_chat_dir))
 
 
 def test_ready_and_requests_answer_503_while_the_model_loads(loading):
