@@ -227,6 +227,13 @@ class AsyncLLM:
         self._context.term()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+    def abort_all(self, reason: str) -> None:
+        """Stop every open request in the core and end its stream with
+        RequestFailedError(reason) (the server's drain deadline)."""
+        for request_id, stream in list(self._streams.items()):
+            self._abort(request_id)
+            stream._put(RequestFailedError(reason))
+
     def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV | ResetPrefixCache) -> None:
         try:
             self._inputs.send(self._input_codec.encode(message), zmq.NOBLOCK)

@@ -159,7 +159,9 @@ class ModelRunner:
             budget = self._gpu_kv_budget()
         num_blocks = budget // per_block - 1  # one more is the scratch block
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget {budget} bytes holds no {per_block}-byte block")
+            raise ValueError(
+                f"KV cache budget {budget} bytes holds no {per_block}-byte block besides the scratch one"
+            )
         # One block manager serves every rank: the smallest budget wins.
         return group.all_reduce_min(num_blocks, self.device)
 

@@ -2,9 +2,12 @@
 
 On SIGTERM (or Ctrl+C) the server keeps its socket open but answers /ready
 and new requests with 503, lets in-flight requests finish for up to
---shutdown-timeout seconds, stops the engine-core process, then exits 0. A
-second signal stops at once. The core process ignores these signals (Ctrl+C
-reaches the whole process group): only this process decides when it stops.
+--shutdown-timeout seconds, aborts those still running (each ends with an
+error: an error event on a stream, a 500 otherwise), stops the engine-core
+process, then exits 0. A second signal ends the drain at once, the same way;
+one after that is uvicorn's to handle. The core process ignores these
+signals (Ctrl+C reaches the whole process group): only this process decides
+when it stops.
 
 If the engine core dies (a crash, or a tensor-parallel rank that died), the
 open requests fail at once and /health answers 503; DEAD_ENGINE_EXIT_S later
@@ -43,12 +46,14 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain_deadline is not None:
+        # A signal handler should do little: set the deadline, on_tick does the rest.
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.state.settings.shutdown_timeout
+            self.state.draining = True
+        elif not self.should_exit:
+            self.drain_deadline = time.monotonic()  # a second signal: the deadline is now
+        else:
             super().handle_exit(sig, frame)
-            return
-        # A signal handler should do little: flag the drain, on_tick does the rest.
-        self.drain_deadline = time.monotonic() + self.state.settings.shutdown_timeout
-        self.state.draining = True
 
     async def on_tick(self, counter: int) -> bool:
         engine = self.state.engine
@@ -56,9 +61,14 @@ class DrainingServer(uvicorn.Server):
             num_unfinished = engine.num_unfinished if engine is not None else 0
             if num_unfinished == 0 or time.monotonic() >= self.drain_deadline:
                 logger.info("drain done (%d requests still unfinished); shutting down", num_unfinished)
+                if num_unfinished:
+                    # Ended now, their responses finish before uvicorn closes
+                    # the connections; left running, uvicorn would wait
+                    # CLOSE_TIMEOUT_S for them, then cut them off mid-stream.
+                    engine.abort_all("the server shut down before the request finished")
                 self.should_exit = True
         elif engine is not None and engine.dead_error is not None and self.state.tokenizer is None:
-            logger.error("the engine failed to start; exiting")
+            logger.error("the engine failed to start: %s; exiting", engine.dead_error)
             self.exit_code = 1
             self.should_exit = True
         elif engine is not None and not engine.is_alive and not self.should_exit:

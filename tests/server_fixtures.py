@@ -38,6 +38,13 @@ STRUCTURED_SERVER_ARGS = (
 READY_TIMEOUT_S = 240
 
 
+def tiny_server_args(model_dir) -> tuple[str, ...]:
+    """The shared tiny-model server's: one request at a time, so that queued
+    requests show the scheduler's order and outlast a drain."""
+    return ("--model", str(model_dir), "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "1",
+            "--shutdown-timeout", "60")
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen
@@ -91,6 +98,13 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess
     float32 unless the args say otherwise: tests compare the server's greedy
     tokens with offline runs and transformers, which a bfloat16 default (on a
     CPU with native bf16) would make batch-dependent."""
+    server = launch_server(*args, env=env)
+    wait_ready(server)
+    return server
+
+
+def launch_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """`start_server` without the wait: for tests of what it answers while loading."""
     if "--dtype" not in args:
         args = ("--dtype", "float32", *args)
     port = free_port()
@@ -99,14 +113,18 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})})
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
+    return ServerProcess(process, f"http://127.0.0.1:{port}", Path(log.name), api_key)
+
+
+def wait_ready(server: ServerProcess) -> None:
+    """Wait until /ready answers 200; stop the server and raise if it exits or takes too long."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.25)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,6 +68,23 @@ def test_tiny_models_mixed_batch_matches_transformers(tiny_model):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     for i in range(0, 32, 4):
         assert outputs[i].outputs[0].token_ids == hf_greedy(hf, prompts[i], 16)
+
+
+def float32_block_bytes(folder, block_size: int = 16) -> int:
+    """One KV block's bytes, from config.json: K and V of every layer, float32."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * block_size * config["num_key_value_heads"] * head_dim * 4
+
+
+def test_kv_cache_memory_sizes_the_pool(tiny_llama_dir):
+    per_block = float32_block_bytes(tiny_llama_dir)
+    # 40 blocks and the scratch block that padding rows write to, and not quite one more.
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=42 * per_block - 1)
+    stats = llm.stats()
+    assert stats.num_total_blocks == 40 and stats.kv_cache_bytes == 41 * per_block
+    with pytest.raises(ValueError, match=f"budget {per_block} bytes holds no {per_block}-byte block besides"):
+        LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=per_block)
 
 
 def test_preemption_under_a_small_pool_loses_nothing(tiny_llama_dir):

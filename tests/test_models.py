@@ -17,22 +17,27 @@ PROMPTS = [[5, 17, 99, 3, 250, 7], list(range(10, 60)), [300] * 3 + list(range(1
 
 
 def _prefill_logits(model, token_ids: list[int]) -> torch.Tensor:
+    """Logits of every position of one prompt, prefilled at once into a fresh
+    paged KV cache in the model's dtype and on its device."""
     block_size, n = 16, len(token_ids)
     num_blocks = -(-n // block_size)
     attn = model.layers[0].self_attn
+    like = {"dtype": model.embed_tokens.weight.dtype, "device": model.embed_tokens.weight.device}
     for layer in model.layers:
         shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-        layer.self_attn.kv_cache = (torch.zeros(shape), torch.zeros(shape))
+        layer.self_attn.kv_cache = (torch.zeros(shape, **like), torch.zeros(shape, **like))
+    device = like["device"]
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(n),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        slot_mapping=torch.arange(n, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
         max_query_len=n,
         max_seq_len=n,
     )
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(token_ids), torch.arange(n), meta))
+        hidden = model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
+        return model.compute_logits(hidden)
 
 
 def assert_logits_match_transformers(folder, hf_model) -> None:

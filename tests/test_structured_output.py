@@ -1,11 +1,13 @@
 """Grammar-constrained decoding in the engine: outputs match their spec, free
 rows of a mixed batch are untouched, a request waiting for its grammar holds
-no batch slot, a dead-end grammar ends the request cleanly."""
+no batch slot, a dead-end grammar ends the request cleanly, and so do a
+grammar that fails to compile and an abort while the grammar compiles."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from conftest import build_tiny_tokenizer
 from inference import LLM, SamplingParams, StructuredOutputsParams
 from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
+from inference.core_protocol import AddRequest, SampleOutput
 from inference.request import Request, RequestStatus
 from inference.sampler import Sampler, SamplingRow
 from inference.scheduler import Scheduler
@@ -191,3 +194,53 @@ def test_sampler_masks_only_the_constrained_rows(tmp_path, device):
     assert out.logprobs[0::2] == free_alone.logprobs
     assert {out.token_ids[1], out.token_ids[3]} <= allowed
     assert out.token_ids[1] == max(allowed, key=lambda t: logits[1, t].item())
+
+
+def test_a_grammar_that_fails_to_compile_after_validation_aborts_its_request(llm, caplog):
+    """The core trusts its caller to have checked a spec (`check_structured_outputs`).
+    One that fails to compile anyway (here one the check would refuse, handed
+    straight to the core) ends its own request as aborted, and nothing else."""
+    core = llm.engine.core
+    prompt = llm.tokenizer.encode(chat(llm, "Say something."))
+    bad = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(grammar="root ::= undefined_rule"))
+    core.add_request(AddRequest("bad-grammar", prompt, bad, time.monotonic()))
+    core.add_request(AddRequest("free", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                                time.monotonic()))
+    outputs = []
+    while core.has_unfinished_requests():
+        assert len(outputs) < 100, "the request with the failed grammar never ended"
+        outputs += core.step().outputs
+    assert [o for o in outputs if o.request_id == "bad-grammar"] == [SampleOutput("bad-grammar", 0, [],
+                                                                                  finish_reason="abort")]
+    free = [o for o in outputs if o.request_id == "free"]
+    assert sum(len(o.new_token_ids) for o in free) == 4 and free[-1].finish_reason == "length"
+    assert "grammar compile failed for bad-grammar" in caplog.text
+    assert not core.compiling and core.stats().num_free_blocks == core.stats().num_total_blocks
+
+
+def test_a_request_aborted_while_its_grammar_compiles(llm):
+    engine = llm.engine
+    # A schema no other test compiles, so its compile starts here and takes a while (SmolLM2's 49k tokens).
+    people = {"type": "array", "items": PERSON, "minItems": 1, "maxItems": 1}
+    schema = {"type": "object", "properties": {"aborted_while_compiling": people},
+              "required": ["aborted_while_compiling"], "additionalProperties": False}
+    params = structured(json=schema, max_tokens=128)
+    prompt = chat(llm, "Describe some people as JSON.")
+    engine.add_request("aborted", prompt, params)
+    future, _ = engine.core.compiling["aborted"]
+    assert not future.done()
+    engine.abort_request("aborted")
+    outputs, num_steps = [], 0
+    while engine.has_unfinished_requests():
+        num_steps += 1
+        assert num_steps < 100, "the aborted request never ended"
+        outputs += engine.step()
+    assert [(o.request_id, o.outputs[0].finish_reason, o.outputs[0].token_ids) for o in outputs] == [
+        ("aborted", "abort", [])]
+    # The compile went on; the next request with the schema gets it from the cache.
+    future.result(timeout=60)
+    [again] = llm.generate([prompt], params, use_tqdm=False)
+    assert again.metrics.grammar_compile_time is None
+    assert again.outputs[0].finish_reason == "stop"
+    assert len(json.loads(again.outputs[0].text)["aborted_while_compiling"]) == 1
+    assert not engine.core.compiling and engine.stats().num_free_blocks == engine.stats().num_total_blocks

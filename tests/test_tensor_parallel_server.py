@@ -3,14 +3,16 @@
 The official `openai` client gets the offline TP=1 engine's greedy text for
 completions and chat, and chat answers whole and streamed alike. Killing one rank's
 process turns /health to 503 within 5 s and fails the open stream; the
-server then exits 1 by itself. SIGTERM on a healthy server drains the open
-stream and exits 0.
-Neither leaves a process behind: not the core, not a rank.
+server then exits 1 by itself. So does killing rank 0, the engine-core
+process. SIGTERM on a healthy server drains the open stream and exits 0.
+None of these, nor killing the front end outright, leaves a process behind:
+not the core, not a rank.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -29,22 +31,8 @@ SERVER_ARGS = ("--max-model-len", "256", "--num-kv-blocks", "64", "--tensor-para
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template, so chat requests work."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    for path in tiny_llama_dir.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    server = start_server("--model", str(model_dir), "--shutdown-timeout", "20", *SERVER_ARGS)
+def server(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "20", *SERVER_ARGS)
     yield server
     server.stop()
 
@@ -56,10 +44,10 @@ def _core_and_ranks(server) -> tuple[int, list[int]]:
     return core_pid, ranks
 
 
-def test_openai_client_completions_chat_and_streaming(server, model_dir):
+def test_openai_client_completions_chat_and_streaming(server, tiny_llama_chat_dir):
     from inference import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
+    llm = LLM(str(tiny_llama_chat_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
     expected = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
     # The chat prompt as the template renders it (it writes any special tokens itself).
     chat_prompt = llm.tokenizer.encode(
@@ -67,7 +55,7 @@ def test_openai_client_completions_chat_and_streaming(server, model_dir):
         add_special_tokens=False)
     [offline_chat] = llm.generate([chat_prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-    model = model_dir.name
+    model = tiny_llama_chat_dir.name
     for prompt, offline in zip(PROMPTS, expected):
         response = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
         assert response.choices[0].text == offline.outputs[0].text
@@ -83,8 +71,8 @@ def test_openai_client_completions_chat_and_streaming(server, model_dir):
     assert streamed == chat.choices[0].message.content
 
 
-def test_killed_rank_gives_503_within_5s_and_leaves_nothing(model_dir):
-    server = start_server("--model", str(model_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
+def test_killed_rank_gives_503_within_5s_and_leaves_nothing(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
     try:
         core_pid, ranks = _core_and_ranks(server)
 
@@ -94,6 +82,29 @@ def test_killed_rank_gives_503_within_5s_and_leaves_nothing(model_dir):
         wait_gone([core_pid, *ranks], timeout=5)
         assert "tensor-parallel rank 1 exited with code -9" in server.log_tail(20000)
         assert server.process.wait(timeout=30) == 1, server.log_tail()  # by itself, for a restart
+    finally:
+        server.stop()
+
+
+def test_killed_rank_0_gives_503_and_leaves_no_rank_behind(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), "--shutdown-timeout", "10", *SERVER_ARGS)
+    try:
+        core_pid, ranks = _core_and_ranks(server)
+        events, _ = asyncio.run(kill_mid_stream(server, core_pid, max_wait_s=5.0))
+        assert "error" in events[-1] and "Generation failed" in events[-1]["error"]["message"]
+        wait_gone(ranks, timeout=5)  # the rank polls its parent once a second
+        assert server.process.wait(timeout=30) == 1, server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_killed_front_end_leaves_no_rank_behind(tiny_llama_chat_dir):
+    server = start_server("--model", str(tiny_llama_chat_dir), *SERVER_ARGS)
+    try:
+        core_pid, ranks = _core_and_ranks(server)
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        wait_gone([core_pid, *ranks], timeout=5)  # the core, then the rank, poll their parents once a second
     finally:
         server.stop()
 
