@@ -40,7 +40,7 @@ browser:
 
 # The GPU image's Triton (3.6), beside the venv's, for the compile check in
 # tests/test_kernels.py: kernels are compiled for sm_80/sm_90 with the
-# compiler the GPU runs. Its compile cache (.venv/triton-gpu-image-cache)
+# compiler the GPU runs. Its compile cache (~/.cache/pagedinfer/triton-gpu-image)
 # makes a second `make test` cost seconds for it.
 TRITON_GPU_IMAGE := 3.6.0
 $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE): $(VENV)/.torch-stamp

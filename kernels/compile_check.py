@@ -102,12 +102,15 @@ _EDGE_GROUPS = (1, 4, 8, 32)
 
 def edge_geometries() -> list[tuple[torch.dtype, int, int, int]]:
     """Every edge value of each axis (head_dim, block size, GQA group), one axis at a time from a
-    Llama-like base, in each dtype: constexprs and tile shapes change along one axis at a time,
-    so this covers every tile the kernels derive without the full product's thousands of compiles."""
+    Llama-like base: constexprs and tile shapes change along one axis at a time, so this covers every
+    tile the kernels derive without the full product's thousands of compiles. bf16 and float32 (its
+    own tile limits and 3xTF32 dots) sweep every axis; fp16, whose code differs from bf16's only in
+    the element type, sweeps head_dim, the axis that changes tiles most."""
     geometries = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        axes = ([(dtype, d, 4, 16) for d in _EDGE_HEAD_DIMS] + [(dtype, 128, 4, b) for b in _EDGE_BLOCK_SIZES]
-                + [(dtype, 128, g, 16) for g in _EDGE_GROUPS])
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        axes = [(dtype, d, 4, 16) for d in _EDGE_HEAD_DIMS]
+        if dtype != torch.float16:
+            axes += [(dtype, 128, 4, b) for b in _EDGE_BLOCK_SIZES] + [(dtype, 128, g, 16) for g in _EDGE_GROUPS]
         geometries += [g for i, g in enumerate(axes) if g not in axes[:i]]
     return geometries
 
@@ -146,7 +149,7 @@ def _launch_prefill_configs(cache: torch.Tensor, num_heads: int, head_dim: int, 
     tables = torch.zeros(1, 64, dtype=torch.int32)
     block_g = next_power_of_2(num_heads // cache.shape[2])
     for config in prefill_mod.PREFILL_CONFIGS:
-        if config.fits(block_g, head_dim):
+        if config.fits(block_g, head_dim, dtype.itemsize):
             prefill_mod.prefill_attention(
                 query, cache, cache, tables, torch.tensor([1024], dtype=torch.int32),
                 torch.tensor([0, 512], dtype=torch.int32), 512, 0.1, config=config,

@@ -68,21 +68,27 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
 
-    def fits(self, block_g: int, head_dim: int) -> bool:
-        """The tile holds at least one token of the group, and wide heads keep the tile in registers."""
-        return self.block_m >= block_g and (head_dim <= 128 or self.block_m * self.block_n <= 64 * 32)
+    def fits(self, block_g: int, head_dim: int, element_bytes: int) -> bool:
+        """The tile holds at least one token of the group, and its Q tile and one K and one V tile take
+        at most 64 KiB: wide heads and float32 get smaller tiles. Past that, registers spill and the
+        pipelined K/V tiles overflow shared memory (the compile check measured float32 128x64 tiles of
+        head_dim 128 at 197 KB on sm_80 and 262 KB on sm_90)."""
+        tile_bytes = (self.block_m + 2 * self.block_n) * next_power_of_2(head_dim) * element_bytes
+        return self.block_m >= block_g and tile_bytes <= 64 * 1024
 
 
 # Ampere and Hopper: 128-row tiles with 8 warps feed the tensor cores; 2-3 stages overlap the K/V
-# gathers with the dots. The last config is the one for head_dim > 128.
-# The compile check shows them spilling at most 8 bytes of registers on sm_80 and none on sm_90
-# (4 warps at 128 rows, or at 64 rows with 3 stages or head_dim 256, spill up to 56 bytes).
+# gathers with the dots. 64x32 is the 16-bit one for head_dim > 128 and float32 up to 128, 32x16
+# the float32 one for head_dim > 128.
+# The compile check shows the 16-bit ones spilling at most 8 bytes of registers on sm_80 and none on
+# sm_90 (4 warps at 128 rows, or at 64 rows with 3 stages or head_dim 256, spill up to 56 bytes).
 PREFILL_CONFIGS = (
     PrefillConfig(128, 64, 8, 2),
     PrefillConfig(128, 64, 8, 3),
     PrefillConfig(128, 32, 8, 3),
     PrefillConfig(64, 64, 4, 2),
     PrefillConfig(64, 32, 8, 2),
+    PrefillConfig(32, 16, 4, 1),
 )
 INTERPRETER_CONFIG = PrefillConfig(64, 64, 4, 1)  # the interpreter is fastest with few, mid-size tiles
 
@@ -186,7 +192,8 @@ def _prefill_attention_kernel(
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = named_args | kwargs
-    return [c for c in configs if _config_of(c).fits(args["BLOCK_G"], args["HEAD_DIM"])]
+    return [c for c in configs
+            if _config_of(c).fits(args["BLOCK_G"], args["HEAD_DIM"], args["query_ptr"].element_size())]
 
 
 def _config_of(config: triton.Config) -> PrefillConfig:
@@ -255,7 +262,8 @@ def prefill_attention(
                                                geo.num_kv_heads)](*args)
         _tuned_configs[(geo.key, bucket)] = _config_of(_prefill_attention_tuned.best_config)
         return out
-    assert config.fits(block_g, geo.head_dim), f"{config} does not fit group {group} (padded {block_g}), " \
+    assert config.fits(block_g, geo.head_dim, query.element_size()), \
+        f"{config} does not fit group {group} (padded {block_g}), {query.dtype}, " \
         f"head_dim {geo.head_dim}"
     launch(
         _prefill_attention_kernel, ("prefill", geo.key, config),
