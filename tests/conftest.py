@@ -111,6 +111,21 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a plain chat template (the byte-level tokenizer has
+    none), so chat requests run on it."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama-chat")
+    for path in tiny_llama_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     from inference.prepare import check_model_dir, default_model_dir
 

@@ -29,17 +29,8 @@ SERVER_ARGS = ("--max-model-len", "256", "--num-kv-blocks", "64", "--tensor-para
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template, so chat requests work."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    for path in tiny_llama_dir.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    tokenizer.save_pretrained(folder)
-    return folder
+def model_dir(tiny_chat_llama_dir):
+    return tiny_chat_llama_dir
 
 
 @pytest.fixture(scope="module")
