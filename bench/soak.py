@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `bench.` imports resolve
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import git_commit, machine_info, now_utc, prompt_vocab_size, write_json
+from bench.common import git_commit, load_tokenizer, machine_info, now_utc, write_json
 from bench.overhead import prepare_model
 from bench.peers.servers import ServerProcess, display, free_port
 
@@ -80,17 +80,24 @@ class Tally:
             self.error_samples.append(text[:200])
 
 
-def request_spec(seed: int, index: int, vocab_size: int, max_tokens: int) -> tuple[str, dict, bool]:
+def prompt_words(tokenizer) -> list[str]:
+    """The tokenizer's tokens that decode to a plain word: a prompt of N of
+    them is about N tokens (exactly N with the random models' word-level tokenizer)."""
+    words = (tokenizer.decode([token_id]).strip() for token_id in range(tokenizer.vocab_size))
+    return list(dict.fromkeys(word for word in words if word.isalnum()))
+
+
+def request_spec(seed: int, index: int, words: list[str], max_tokens: int) -> tuple[str, dict, bool]:
     """(path, body, cut after the first chunk) of request `index`, the same on every run."""
     rng = random.Random(seed * 1_000_003 + index)
-    words = " ".join(f"t{rng.randrange(1, vocab_size)}" for _ in range(rng.randint(3, 200)))
+    prompt = " ".join(rng.choice(words) for _ in range(rng.randint(3, 200)))
     stream = rng.random() < 0.5
     body: dict = {"max_tokens": rng.randint(1, max_tokens), "temperature": round(rng.uniform(0.0, 1.2), 2),
                   "stream": stream}
     if rng.random() < 0.5:
-        path, body["prompt"] = "/v1/completions", words
+        path, body["prompt"] = "/v1/completions", prompt
     else:
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": words}]
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     if stream and rng.random() < 0.5:
         body["stream_options"] = {"include_usage": True}
     return path, body, stream and rng.random() < 0.3
@@ -147,7 +154,7 @@ async def engine_gauges(client: httpx.AsyncClient) -> tuple[float, float]:
     return samples["pagedinfer_num_requests_running"], samples["pagedinfer_kv_cache_usage_ratio"]
 
 
-async def run_round(client: httpx.AsyncClient, indices: range, args: argparse.Namespace, vocab_size: int,
+async def run_round(client: httpx.AsyncClient, indices: range, args: argparse.Namespace, words: list[str],
                     deadline: float) -> tuple[Tally, int, float, float]:
     """Send `indices` at the concurrency; returns the tally, how many were
     sent (fewer past the deadline) and the highest running / KV usage seen."""
@@ -160,7 +167,7 @@ async def run_round(client: httpx.AsyncClient, indices: range, args: argparse.Na
             if time.monotonic() > deadline:
                 return
             sent += 1
-            await send(client, *request_spec(args.seed, index, vocab_size, args.max_tokens), tally)
+            await send(client, *request_spec(args.seed, index, words, args.max_tokens), tally)
 
     async def poll() -> None:
         while True:
@@ -186,7 +193,7 @@ async def wait_idle(client: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def soak(base_url: str, server_pid: int, args: argparse.Namespace,
-               vocab_size: int) -> tuple[list[RoundResult], float]:
+               words: list[str]) -> tuple[list[RoundResult], float]:
     """The rounds, and the wall time they took."""
     core = core_pid(server_pid)
     start = time.monotonic()
@@ -198,7 +205,7 @@ async def soak(base_url: str, server_pid: int, args: argparse.Namespace,
         while total < args.requests and time.monotonic() < deadline:
             round_start = time.monotonic()
             tally, sent, max_running, max_kv = await run_round(
-                client, range(total, min(total + args.round, args.requests)), args, vocab_size, deadline)
+                client, range(total, min(total + args.round, args.requests)), args, words, deadline)
             total += sent
             wall = time.monotonic() - round_start
             idle_running, idle_kv = await wait_idle(client)
@@ -231,13 +238,11 @@ def format_table(rounds: list[RoundResult]) -> str:
     return "\n".join(lines + [format_row(r) for r in rounds])
 
 
-def add_chat_template(model: str) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.save_pretrained(model)
+def summarize(rounds: list[RoundResult], wall: float) -> dict:
+    num = rounds[-1].requests
+    return {"requests": num, "errors": sum(r.errors for r in rounds), "cut_streams": sum(r.cut_streams for r in rounds),
+            "wall_s": wall, "requests_per_s": num / wall, "core_rss": growth(rounds, "core_rss_mb"),
+            "frontend_rss": growth(rounds, "frontend_rss_mb")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pagedinfer-soak-"))
     try:
         model = prepare_model(args.model, "cpu", workdir / "model")
-        add_chat_template(model)
+        tokenizer = load_tokenizer(model)
+        if tokenizer.chat_template is None:
+            if model == args.model:  # never write into the caller's folder
+                raise SystemExit(f"{model} has no chat template: the soak sends chat requests")
+            tokenizer.chat_template = CHAT_TEMPLATE
+            tokenizer.save_pretrained(model)
         port = free_port()
         blocks = args.concurrency * -(-args.max_model_len // 16) + 16  # every request at full length fits
         command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", "127.0.0.1",
@@ -270,26 +280,22 @@ def main(argv: list[str] | None = None) -> int:
         # One torch thread: on a small box the front end and this client need the other core.
         with ServerProcess(command, f"http://127.0.0.1:{port}/ready", log, {"OMP_NUM_THREADS": "1"}) as server:
             rounds, wall = asyncio.run(soak(f"http://127.0.0.1:{port}", server.proc.pid, args,
-                                            prompt_vocab_size(model)))
-        num = rounds[-1].requests if rounds else 0
-        summary = {"requests": num, "errors": sum(r.errors for r in rounds),
-                   "cut_streams": sum(r.cut_streams for r in rounds), "wall_s": wall,
-                   "requests_per_s": num / wall if wall else 0.0,
-                   "core_rss": growth(rounds, "core_rss_mb") if rounds else None,
-                   "frontend_rss": growth(rounds, "frontend_rss_mb") if rounds else None}
+                                            prompt_words(tokenizer)))
+        if not rounds:
+            raise SystemExit(f"no request sent within --time-limit-s {args.time_limit_s}")
+        summary = summarize(rounds, wall)
         report = {"when": now_utc(), "commit": git_commit(), "machine": machine_info(),
                   "command": display(" ".join(["python -m bench.soak", *(argv if argv is not None else sys.argv[1:])])),
                   "args": vars(args), "server": display(" ".join(command)), "summary": summary,
                   "rounds": [asdict(r) for r in rounds]}
-        print(format_table(rounds))
-        if rounds:
-            core = summary["core_rss"]
-            print(f"{num:,} requests in {wall:.0f} s ({summary['requests_per_s']:.1f}/s), {summary['errors']} errors; "
-                  f"core RSS {core['from_mb']:.1f} -> {core['to_mb']:.1f} MB from request {core['from_requests']:,}: "
-                  f"{core['growth_pct']:+.2f}% ({core['kb_per_request']:+.3f} KB/request)")
+        core = summary["core_rss"]
+        print(f"{format_table(rounds)}\n{summary['requests']:,} requests in {wall:.0f} s "
+              f"({summary['requests_per_s']:.1f}/s), {summary['errors']} errors; core RSS {core['from_mb']:.1f} -> "
+              f"{core['to_mb']:.1f} MB from request {core['from_requests']:,}: {core['growth_pct']:+.2f}% "
+              f"({core['kb_per_request']:+.3f} KB/request)")
         if args.out:
             write_json(args.out, report)
-        return 0 if rounds and summary["errors"] == 0 else 1
+        return 0 if summary["errors"] == 0 else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
