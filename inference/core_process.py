@@ -53,11 +53,22 @@ logger = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0  # how often the core looks for its parent; bounds the orphan's lifetime
 LINGER_MS = 2000  # how long a last message may wait to leave when the process exits
+# oneDNN (bf16/fp16 matmuls on the CPU) caches a primitive per shape, in its own
+# cache and in ideep's, 1024 entries each by default. A step's token count
+# changes every step, so a serving core fills both (~0.3 MB an entry: ~650 MB
+# even for a tiny model), then evicts and rebuilds entries for good, which
+# fragments the heap: the core's RSS grew by ~50 KB a request in bench/soak.py
+# (bench/RESULTS.md). With 256 entries it stays flat at the same request rate;
+# a steady load's decode batch sizes move in a narrow range, so their shapes
+# stay cached. Read once, at the first such matmul; an operator's value wins.
+ONEDNN_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
 
 
 def run_engine_core(core_factory: Callable[[], EngineCore], input_address: str, output_address: str,
                     parent_pid: int) -> None:
     """Entry point of the spawned process."""
+    for name, value in ONEDNN_CACHE_CAPACITY.items():
+        os.environ.setdefault(name, value)  # before the model's first matmul, and inherited by tensor-parallel ranks
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

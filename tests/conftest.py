@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models saved by transformers, and the
-prepared default SmolLM2 folder."""
+prepared default SmolLM2 folder, with its tokenizer and transformers model
+loaded once per session."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama_chat_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template, so chat requests work."""
+    """The tiny Llama with a plain chat template (the byte-level tokenizer has
+    none), so chat requests run on it."""
     from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama-chat")
@@ -132,3 +134,29 @@ def smollm2_dir():
     if problems:
         pytest.fail(f"default model not prepared ({problems}); run `pagedinfer prepare-model`")
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """SmolLM2's tokenizer, loaded once; tests only encode, decode and render chats with it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_dir):
+    """transformers' SmolLM2 in float32, loaded once per session as the reference
+    for the engine. Shared, so it must not change: gradients are off, and the
+    session fails if a test changed a weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval().requires_grad_(False)
+    before = _fingerprint(model)
+    yield model
+    assert _fingerprint(model) == before, "a test changed the shared transformers SmolLM2"
+
+
+def _fingerprint(model) -> list[float]:
+    return [float(p.double().sum()) for p in model.parameters()]

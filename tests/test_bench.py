@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, compare, overhead, serve, throughput  # noqa: E402
+from bench import common, compare, overhead, serve, soak, throughput  # noqa: E402
 from bench.peers import servers  # noqa: E402
 
 
@@ -136,6 +136,26 @@ def test_overhead_compares_offline_and_server_on_the_same_requests(tmp_path):
         assert row["throughput_ratio"] == pytest.approx(row["server"]["tok_s"] / row["offline"]["tok_s"])
         assert row["offline"]["itl_p50_ms"] > 0 and row["server"]["itl_p50_ms"] > 0
     assert report["torch_threads"] == 1 and len(report["raw"]["server"]) == 1
+
+
+@pytest.mark.slow
+def test_soak_reports_rss_and_gauges_per_round(tmp_path):
+    out = tmp_path / "soak.json"
+    code = soak.main(["--requests", "60", "--round", "20", "--concurrency", "8", "--max-model-len", "256",
+                      "--time-limit-s", "120", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    summary, rounds = report["summary"], report["rounds"]
+    assert [r["requests"] for r in rounds] == [20, 40, 60]
+    assert summary["requests"] == 60 and summary["errors"] == 0 and summary["requests_per_s"] > 0
+    # The seeded mix: of 60 requests, 34 stream and 13 of those are cut after their first chunk.
+    assert summary["cut_streams"] == sum(r["cut_streams"] for r in rounds) == 13
+    for r in rounds:
+        assert r["core_rss_mb"] > 0 and r["frontend_rss_mb"] > 0 and r["max_running"] <= 8
+        assert r["idle_running"] == 0 and r["idle_kv_usage"] == 0  # nothing left behind by the cut streams
+    core = summary["core_rss"]
+    assert (core["from_requests"], core["to_requests"]) == (20, 60) and core["to_mb"] == rounds[-1]["core_rss_mb"]
+    assert core["growth_pct"] == pytest.approx(100 * (core["to_mb"] - core["from_mb"]) / core["from_mb"])
 
 
 def test_compare_reports_missing_peers(tiny_folder, tmp_path, monkeypatch):

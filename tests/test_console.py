@@ -22,19 +22,20 @@ import pytest
 from console_tools import snapshot_problems, start_chromium, wait_for
 from PIL import Image
 from selenium.webdriver import ActionChains
-from server_fixtures import API_KEY, REPO, shared_server
+from server_fixtures import API_KEY, REPO, STRUCTURED_SERVER_ARGS, shared_server
 
 pytestmark = pytest.mark.slow
 
-SERVER_ARGS = ("--max-model-len", "1024", "--num-kv-blocks", "512", "--max-num-seqs", "64", "--api-key", API_KEY)
-NUM_BLOCKS, BLOCK_SIZE = 512, 16
+# The structured-output tests' server, shared with them: one SmolLM2 start for both.
+NUM_BLOCKS = int(STRUCTURED_SERVER_ARGS[STRUCTURED_SERVER_ARGS.index("--num-kv-blocks") + 1])
+BLOCK_SIZE = 16
 ARTIFACTS = REPO / "bench" / "out" / "console"
 IN_USE = ("used", "shared")
 
 
 @pytest.fixture(scope="module")
 def server():
-    return shared_server(*SERVER_ARGS)
+    return shared_server(*STRUCTURED_SERVER_ARGS)
 
 
 @pytest.fixture(scope="module")

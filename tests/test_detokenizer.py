@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
 from inference.detokenizer import IncrementalDetokenizer
 from inference.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def feed(tokenizer, text: str, **kw) -> tuple[IncrementalDetokenizer, list[str], bool]:

@@ -35,12 +35,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-
+def smollm2(smollm2_dir, hf_smollm2):
     llm = LLM(model=str(smollm2_dir), dtype="float32", kv_cache_memory=512 * 1024**2, max_num_batched_tokens=64)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    return llm, hf
+    return llm, hf_smollm2
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 MODEL = "metrics-test-model"
 SERVER_ARGS = ("--served-model-name", MODEL, "--max-model-len", "256", "--num-kv-blocks", "64",
                "--max-num-seqs", "4")
-# Four full 16-token blocks or more, so the second request with it hits the prefix cache.
+# Four full 16-token blocks or more (one token a byte on the tiny model's tokenizer),
+# so the second request with it hits the prefix cache.
 SHARED_PROMPT = ("The quick brown fox jumps over the lazy dog while the cat watches from the warm "
                  "windowsill, and the farmer counts his sheep one by one before the sun goes down "
                  "behind the hills.")
@@ -44,11 +45,12 @@ HISTOGRAMS = [name for name in PAIRS.values() if name.endswith("_seconds")]
 
 
 @pytest.fixture(scope="module")
-def servers():
-    """(plain server, server with --metrics-compat vllm), started side by side."""
+def servers(tiny_llama_chat_dir):
+    """(plain server, server with --metrics-compat vllm), started side by side.
+    What is counted does not depend on the model: the tiny one starts fastest."""
+    args = ("--model", str(tiny_llama_chat_dir), *SERVER_ARGS)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(start_server, *SERVER_ARGS),
-                   pool.submit(start_server, *SERVER_ARGS, "--metrics-compat", "vllm")]
+        futures = [pool.submit(start_server, *args), pool.submit(start_server, *args, "--metrics-compat", "vllm")]
     started = [f.result() for f in futures if f.exception() is None]
     try:
         for future in futures:

@@ -65,10 +65,8 @@ def test_greedy_continuations_match_transformers(tiny_model):
         assert output.outputs[0].token_ids == ref
 
 
-def test_smollm2_greedy_matches_transformers(smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+def test_smollm2_greedy_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_smollm2):
+    tokenizer = smollm2_tokenizer
     chats = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}],
@@ -83,11 +81,10 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
     ] + [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
     llm = LLM(model=str(smollm2_dir), dtype="float32", kv_cache_memory=256 * 1024**2)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64), use_tqdm=False)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     for prompt, output in zip(prompts, outputs):
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
-        assert output.outputs[0].token_ids == ref, tokenizer.decode(prompt)
+            ref = hf_smollm2.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False)
+        assert output.outputs[0].token_ids == ref[0, len(prompt):].tolist(), tokenizer.decode(prompt)
 
 
 # ---- errors name the file or field ------------------------------------------

@@ -125,10 +125,8 @@ def test_bad_input(server, path, kwargs, status, param):
         assert error["param"] == param, error
 
 
-def test_context_error_states_both_lengths(server, smollm2_dir):
-    from transformers import AutoTokenizer
-
-    num_tokens = len(AutoTokenizer.from_pretrained(smollm2_dir).encode(LONG_TEXT))  # as the server encodes a prompt
+def test_context_error_states_both_lengths(server, smollm2_tokenizer):
+    num_tokens = len(smollm2_tokenizer.encode(LONG_TEXT))  # as the server encodes a prompt
     max_model_len = int(MAIN_SERVER_ARGS[MAIN_SERVER_ARGS.index("--max-model-len") + 1])
     with server.client() as client:
         error = check_error(client.post(C, json={"prompt": LONG_TEXT}))

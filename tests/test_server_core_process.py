@@ -30,8 +30,10 @@ def _core_pid(server) -> int:
     return core_pid
 
 
-def test_killed_core_gives_503_fails_open_streams_and_exits_1():
-    server = start_server("--max-model-len", "256", "--num-kv-blocks", "64", "--shutdown-timeout", "10")
+def test_killed_core_gives_503_fails_open_streams_and_exits_1(tiny_llama_dir):
+    # Generic process handling: the tiny model starts faster than SmolLM2.
+    server = start_server("--model", str(tiny_llama_dir), "--max-model-len", "256", "--num-kv-blocks", "64",
+                          "--shutdown-timeout", "10")
     try:
         children_pids = children(server.process.pid)
         core_pid = _core_pid(server)

@@ -165,9 +165,7 @@ def test_parallel_tool_calls_false_gives_one_call(new_client):
     assert len(result.choices[0].message.tool_calls) == 1
 
 
-def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client, smollm2_dir):
-    from transformers import AutoTokenizer
-
+def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client, smollm2_tokenizer):
     def history(tool_result: str) -> list[dict]:
         return [*ASK, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather",
@@ -198,7 +196,6 @@ def test_auto_answers_with_calls_or_content_and_history_is_accepted(new_client, 
     assert follow_ups[0].choices[0].finish_reason in ("stop", "length", "tool_calls")
     # The tool result reached the prompt: a longer one adds exactly its extra tokens
     # (each result stands between newlines, so its tokens do not merge with the markup's).
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    extra = len(tokenizer.encode(results[1])) - len(tokenizer.encode(results[0]))
+    extra = len(smollm2_tokenizer.encode(results[1])) - len(smollm2_tokenizer.encode(results[0]))
     assert extra > 0
     assert follow_ups[1].usage.prompt_tokens - follow_ups[0].usage.prompt_tokens == extra
