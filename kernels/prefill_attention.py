@@ -262,7 +262,8 @@ def prefill_attention(
                                                geo.num_kv_heads)](*args)
         _tuned_configs[(geo.key, bucket)] = _config_of(_prefill_attention_tuned.best_config)
         return out
-    assert config.fits(block_g, geo.head_dim, query.element_size()), \
+    # The byte limit is the GPU's (registers, shared memory); the interpreter has neither.
+    assert query.device.type != "cuda" or config.fits(block_g, geo.head_dim, query.element_size()), \
         f"{config} does not fit group {group} (padded {block_g}), {query.dtype}, " \
         f"head_dim {geo.head_dim}"
     launch(
