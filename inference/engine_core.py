@@ -32,6 +32,7 @@ from inference.kv_snapshot import take_kv_snapshot
 from inference.model_runner import ModelRunner
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler
+from inference.startup_phases import StartupPhases
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,15 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         logger.info("%s", config.describe_dtype())
-        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.startup = StartupPhases()
+        with self.startup.phase("config"):
+            self.hf_config = AutoConfig.from_pretrained(config.model)
         self.vocab_size = self.hf_config.vocab_size
-        self.eos_token_ids = _eos_token_ids(config.model)
+        with self.startup.phase("tokenizer"):
+            self.eos_token_ids = _eos_token_ids(config.model)
         self.runner = ModelRunner(config, self.hf_config)
+        for name, seconds in self.runner.startup.seconds.items():
+            self.startup.add(name, seconds)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
             record_events=config.kv_events is not None,

@@ -26,6 +26,7 @@ from types import FrameType
 
 import uvicorn
 
+from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.state import ServerSettings, ServerState
 
@@ -90,6 +91,16 @@ def _served_model_name(args: argparse.Namespace) -> str:
     return Path(args.model).name if args.model else default_model_dir().name
 
 
+def _tokenizer_folder(args: argparse.Namespace) -> str | None:
+    """The model folder, if it exists before the core starts (a default model may still need preparing)."""
+    if args.model:
+        return args.model
+    from inference.prepare import default_model_dir
+
+    folder = default_model_dir()
+    return str(folder) if (folder / "config.json").exists() else None
+
+
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         served_model_name=_served_model_name(args),
@@ -100,6 +111,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
         enable_console=not args.disable_console,
+        model=_tokenizer_folder(args),
+        started_at=process_started_at(),
     )
 
 
