@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 import zmq
@@ -73,15 +75,42 @@ def load_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
+@dataclass(slots=True)
+class SpawnedCore:
+    process: BaseProcess
+    socket_dir: str  # holds the two ipc sockets; removed at shutdown
+    input_address: str
+    output_address: str
+
+
+def spawn_core(core_factory: Callable[[], EngineCore]) -> SpawnedCore:
+    """Start the engine-core process now, for an AsyncLLM to adopt later.
+
+    The core connects to sockets that AsyncLLM binds when it is built
+    (ZeroMQ retries a connect until its endpoint exists), so a server can
+    start the core before its own imports, and the two import in parallel.
+    """
+    socket_dir = tempfile.mkdtemp(prefix="pagedinfer-core-")
+    input_address, output_address = f"ipc://{socket_dir}/input", f"ipc://{socket_dir}/output"
+    # spawn, not fork: the parent may hold threads and a CUDA context.
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid(), time.time()),
+        name="engine-core", daemon=True,
+    )
+    process.start()
+    return SpawnedCore(process, socket_dir, input_address, output_address)
+
+
 class AsyncLLM:
     def __init__(
         self,
-        core_factory: Callable[[], EngineCore],
+        core: SpawnedCore | Callable[[], EngineCore],
         stats_logger: Callable[[list[RequestOutput], EngineStats], None] | None = None,
         tokenizer_folder: str | None = None,
     ) -> None:
-        """Start the core process; it builds the core with `core_factory`,
-        which must be picklable (a module-level function or a partial of one).
+        """Adopt a core process started by `spawn_core`, or start one with
+        `core`, the factory that builds the core in it, which must be
+        picklable (a module-level function or a partial of one).
 
         `stats_logger(outputs, stats)`, if given, runs on the event loop for
         every message from the core (once the core is loaded, after every
@@ -105,26 +134,20 @@ class AsyncLLM:
         self._tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, tokenizer_folder)) \
             if tokenizer_folder else None
         self.dead_error: BaseException | None = None
-        self._socket_dir = tempfile.mkdtemp(prefix="pagedinfer-core-")
-        input_address = f"ipc://{self._socket_dir}/input"
-        output_address = f"ipc://{self._socket_dir}/output"
+        spawned = core if isinstance(core, SpawnedCore) else spawn_core(core)
+        self._socket_dir = spawned.socket_dir
         self._context = zmq.asyncio.Context()
         # A plain (not asyncio) socket: with no high-water mark a send to a
         # connected core queues at once, so the event loop never waits on it.
         self._inputs = zmq.Socket(self._context, zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)
-        self._inputs.bind(input_address)
+        self._inputs.bind(spawned.input_address)
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
-        self._outputs.bind(output_address)
+        self._outputs.bind(spawned.output_address)
         self._input_codec = Codec(CORE_INPUTS)
         self._output_codec = Codec(CORE_OUTPUTS)
-        # spawn, not fork: the parent may hold threads and a CUDA context.
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid(), time.time()),
-            name="engine-core", daemon=True,
-        )
-        self._process.start()
+        self._process = spawned.process
         loop = asyncio.get_running_loop()
         loop.add_reader(self._process.sentinel, self._core_exited)
         self._reader = asyncio.create_task(self._read_outputs())

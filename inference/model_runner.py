@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import kernels
@@ -66,6 +68,17 @@ def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype, tensor_parall
     num_kv_heads = shard_heads(num_heads, num_kv_heads, 0, tensor_parallel_size).num_kv_heads
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU from calloc: the OS's zero pages, faulted in
+    as blocks are first written rather than all at start-up (torch.zeros
+    writes every byte: 0.7-2.7 s of a 135M model's start with the default
+    KV budget on a 2-core VM)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -246,10 +259,7 @@ class ModelRunner:
         shape = (self.num_blocks + 1, self.block_size, attn.num_kv_heads, attn.head_dim)
         caches = []
         for layer in self.model.layers:
-            kv = (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
+            kv = (_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
             layer.self_attn.kv_cache = kv
             caches.append(kv)
         return caches

@@ -18,7 +18,6 @@ restarts it rather than leaving a server that can only refuse.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from types import FrameType
 
 import uvicorn
 
+from inference.async_engine import SpawnedCore
 from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.state import ServerSettings, ServerState
@@ -116,16 +116,11 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def run_server(args: argparse.Namespace) -> int:
+def run_server(args: argparse.Namespace, core: SpawnedCore) -> int:
+    """Serve with the engine core `core`, started already (server/cli.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = server_settings(args)
-
-    from server.cli import build_core
-
-    # The core process gets the factory pickled: only plain values go, not
-    # the subcommand's function, which may live in __main__.
-    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
-    app = create_app(settings, functools.partial(build_core, engine_args))
+    app = create_app(settings, core)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
     server = DrainingServer(config, app.state.server)
     server.run()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
-from inference.async_engine import AsyncLLM, load_tokenizer
+from inference.async_engine import AsyncLLM, SpawnedCore, load_tokenizer
 from inference.request_stream import EngineDeadError
 from inference.startup_phases import StartupPhases
 from server.console_routes import STATIC_DIR, console_router
@@ -75,8 +75,9 @@ def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
-def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore]) -> FastAPI:
-    """`core_factory` builds the EngineCore; it is pickled to the core process."""
+def create_app(settings: ServerSettings, core: SpawnedCore | Callable[[], EngineCore]) -> FastAPI:
+    """`core`: the engine-core process, started already (`spawn_core`), or
+    the factory that builds the EngineCore in one, pickled to it."""
     imports_s = time.time() - settings.started_at  # the server stack's imports, flags and checks
     state = ServerState(settings)
     metrics = EngineMetrics(state)
@@ -84,7 +85,7 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine = AsyncLLM(core_factory, stats_logger=metrics.record, tokenizer_folder=settings.model)
+        state.engine = AsyncLLM(core, stats_logger=metrics.record, tokenizer_folder=settings.model)
         loading = asyncio.create_task(_finish_loading(state, imports_s))
         sampling = asyncio.create_task(console_stats.run()) if settings.enable_console else None
         yield

@@ -129,9 +129,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import functools
+
+    from inference.async_engine import spawn_core
+
+    # The core first: it imports torch and loads the model while this
+    # process imports the server stack. The core process gets the factory
+    # pickled: only plain values go, not the subcommand's function, which may
+    # live in __main__.
+    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    core = spawn_core(functools.partial(build_core, engine_args))
     from server.api_server import run_server
 
-    return run_server(args)
+    return run_server(args, core)
 
 
 def build_parser() -> argparse.ArgumentParser:
