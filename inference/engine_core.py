@@ -33,6 +33,7 @@ from inference.core_protocol import (
 )
 from inference.kv_snapshot import take_kv_snapshot
 from inference.model_runner import ModelRunner
+from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler
 from inference.startup_phases import StartupPhases
@@ -83,6 +84,22 @@ def _eos_token_ids(folder: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _start_runner(config: EngineConfig, hf_config) -> ModelRunner:
+    """Rank 0's runner, with ranks 1..N-1 started and joined first under tensor parallelism."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config, hf_config)
+    workers = TensorParallelWorkers(config)
+    try:
+        return ModelRunner(config, hf_config, workers)
+    except BaseException as exc:
+        # A rank's own error says more than the collective that failed after it.
+        failure = workers.wait_failure(FAILURE_REPORT_S)
+        workers.stop()
+        if failure is None:
+            raise
+        raise RuntimeError(failure) from exc
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -93,7 +110,7 @@ class EngineCore:
         self.vocab_size = self.hf_config.vocab_size
         with self.startup.phase("tokenizer"):
             self.eos_token_ids = _eos_token_ids(config.model)
-        self.runner = ModelRunner(config, self.hf_config)
+        self.runner = _start_runner(config, self.hf_config)
         for name, seconds in self.runner.startup.seconds.items():
             self.startup.add(name, seconds)
         self.block_manager = BlockManager(

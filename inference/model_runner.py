@@ -13,8 +13,8 @@ The KV cache holds `num_blocks` blocks for the block manager plus one scratch
 block (id `num_blocks`) that padding rows write to and read; no request ever
 owns it.
 
-With `tensor_parallel_size` N > 1 the runner of rank 0 starts the other
-ranks (`inference.parallel.workers`), each with a runner of its own over its
+With `tensor_parallel_size` N > 1 the engine core starts the other
+ranks (`inference.parallel.workers`) for the runner of rank 0, each with a runner of its own over its
 shard of the model and its heads' KV cache; every rank has the same block
 count (the smallest budget wins) and so the same block tables. Each step,
 rank 0 prepares the batch, sends it (`StepPlan`), and every rank runs
@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -81,31 +82,27 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+class OtherRanks(Protocol):
+    """Ranks 1..N-1 as rank 0's runner drives them (inference.parallel.workers
+    implements it; not imported here, as its ranks import this module)."""
+
+    def send(self, message: bytes) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, rank: int = 0) -> None:
-        """Rank 0's runner starts the other ranks; a rank > 0 is built in its
-        worker process, which has joined the group already."""
+    def __init__(self, config: EngineConfig, hf_config, workers: OtherRanks | None = None) -> None:
+        """Rank 0's runner gets the other ranks (`workers`), started and
+        joined to the group by the engine core; a rank > 0's runner is built
+        in its worker process, which has joined the group already."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
-        self.workers = None
+        self.workers = workers
         self.startup = StartupPhases()
-        if config.tensor_parallel_size > 1 and rank == 0:
-            from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
-
-            self.workers = TensorParallelWorkers(config)
-        try:
-            self._load(hf_config)
-        except BaseException as exc:
-            if self.workers is None:
-                raise
-            # A rank's own error says more than the collective that failed after it.
-            failure = self.workers.wait_failure(FAILURE_REPORT_S)
-            self.workers.stop()
-            if failure is None:
-                raise
-            raise RuntimeError(failure) from exc
+        self._load(hf_config)
 
     def _load(self, hf_config) -> None:
         config = self.config

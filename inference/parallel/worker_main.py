@@ -38,7 +38,7 @@ def run_worker(config: EngineConfig, rank: int, init_file: str, steps: Connectio
     torch.set_num_threads(num_threads)  # as many as rank 0 uses
     try:
         group.init_group(rank, config.tensor_parallel_size, init_file, config.device)
-        runner = ModelRunner(config, AutoConfig.from_pretrained(config.model), rank=rank)
+        runner = ModelRunner(config, AutoConfig.from_pretrained(config.model))
         while True:
             if not steps.poll(PARENT_CHECK_S):
                 if os.getppid() != parent_pid:
