@@ -349,7 +349,8 @@ def test_pods_run_non_root_with_read_only_root(target):
             writable = [
                 m["mountPath"]
                 for m in container.get("volumeMounts", [])
-                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]
+                if not m.get("readOnly") and ("emptyDir" in volumes[m["name"]]
+                                              or "persistentVolumeClaim" in volumes[m["name"]])
             ]
             env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
             needed = ["/tmp", f"{env['HOME']}/.cache"]
@@ -357,7 +358,7 @@ def test_pods_run_non_root_with_read_only_root(target):
                 needed.append(env["TRITON_CACHE_DIR"])
             for path in needed:
                 assert any(path == w or path.startswith(w + "/") for w in writable), (
-                    f"{name}: {path} is not on a writable emptyDir (read-only root)"
+                    f"{name}: {path} is not on a writable emptyDir or claim (read-only root)"
                 )
     for account in of_kind(docs, "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
@@ -566,7 +567,9 @@ def test_hpa_overlay_uses_the_adapter_rules_and_the_keda_thresholds():
 @pytest.mark.parametrize("target", ["overlays/model-pvc", "overlays/tensor-parallel"])
 def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home(target):
     docs = render(target)
-    claim = the(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    claims = {doc["metadata"]["name"]: doc for doc in of_kind(docs, "PersistentVolumeClaim")}
+    assert set(claims) == {"pagedinfer-models", "pagedinfer-compile-cache"}
+    claim = "pagedinfer-models"
     deployment = server_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
@@ -575,6 +578,13 @@ def test_model_pvc_overlay_mounts_the_claim_read_only_over_pagedinfer_home(targe
     env = {e["name"]: e["value"] for e in container["env"]}
     assert mount["readOnly"] is True and mount["mountPath"] == env["PAGEDINFER_HOME"]
     assert server_args(container).model.startswith(env["PAGEDINFER_HOME"] + "/")
+    # Triton's compiled kernels and autotuning results go to the shared,
+    # writable cache claim, so a second pod skips compiling and tuning.
+    [cache] = [v for v in pod["volumes"]
+               if v.get("persistentVolumeClaim", {}).get("claimName") == "pagedinfer-compile-cache"]
+    assert "emptyDir" not in cache and claims["pagedinfer-compile-cache"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    [cache_mount] = [m for m in container["volumeMounts"] if m["name"] == cache["name"]]
+    assert not cache_mount.get("readOnly") and env["TRITON_CACHE_DIR"].startswith(cache_mount["mountPath"] + "/")
     job = the(docs, "Job")
     [job_container] = job["spec"]["template"]["spec"]["containers"]
     assert job_container["command"][-1] == "prepare-model"
