@@ -107,7 +107,7 @@ class EngineConfig:
         on_gpu = device == "cuda"
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        if on_gpu and tensor_parallel_size > torch.cuda.device_count():
+        if on_gpu and tensor_parallel_size > 1 and tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(
                 f"tensor_parallel_size {tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} visible"
             )

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -32,6 +33,7 @@ from inference.core_protocol import (
     AddRequest, EngineStats, KVSnapshot, SampleOutput, StepOutputs, check_request, sample_request_id,
 )
 from inference.kv_snapshot import take_kv_snapshot
+from inference.memory_plan import MemoryPlan, plan, weight_bytes
 from inference.model_runner import ModelRunner
 from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
 from inference.request import Request, RequestStatus
@@ -84,6 +86,28 @@ def _eos_token_ids(folder: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _memory_plan(config: EngineConfig, hf_config) -> MemoryPlan | None:
+    """The plan `pagedinfer plan` prints, made before loading: a model whose
+    weights alone exceed the GPU's share stops here, saying by how much, not
+    with an out-of-memory error halfway through loading. None where the plan
+    cannot be made (its activation estimate is above a budget the engine
+    will measure for itself)."""
+    device_memory = torch.cuda.mem_get_info()[1] if config.device == "cuda" else None
+    try:
+        return plan(hf_config, dtype=config.dtype, device=config.device, block_size=config.block_size,
+                    max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                    max_num_batched_tokens=config.max_num_batched_tokens,
+                    tensor_parallel_size=config.tensor_parallel_size, num_kv_blocks=config.num_kv_blocks,
+                    kv_cache_memory=config.kv_cache_memory, device_memory=device_memory,
+                    gpu_memory_utilization=config.gpu_memory_utilization or 1.0)
+    except ValueError as exc:
+        weights = weight_bytes(hf_config, getattr(torch, config.dtype), config.device, config.tensor_parallel_size)
+        if device_memory is not None and weights > device_memory * (config.gpu_memory_utilization or 1.0):
+            raise ValueError(f"memory plan: {exc}") from None
+        logger.warning("memory plan: %s", exc)
+        return None
+
+
 def _start_runner(config: EngineConfig, hf_config) -> ModelRunner:
     """Rank 0's runner, with ranks 1..N-1 started and joined first under tensor parallelism."""
     if config.tensor_parallel_size == 1:
@@ -110,7 +134,13 @@ class EngineCore:
         self.vocab_size = self.hf_config.vocab_size
         with self.startup.phase("tokenizer"):
             self.eos_token_ids = _eos_token_ids(config.model)
+        planned = _memory_plan(config, self.hf_config)
         self.runner = _start_runner(config, self.hf_config)
+        if planned is not None:
+            runner = self.runner
+            logger.info("memory plan: weights %d bytes per rank planned, %d measured; KV blocks %d planned, %d "
+                        "measured (%d bytes per rank with the scratch block)", planned.weight_bytes,
+                        runner.weight_bytes, planned.num_blocks, runner.num_blocks, runner.kv_cache_bytes)
         for name, seconds in self.runner.startup.seconds.items():
             self.startup.add(name, seconds)
         self.block_manager = BlockManager(

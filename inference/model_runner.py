@@ -37,9 +37,9 @@ from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
 from inference.core_protocol import LogprobEntry
 from inference.cuda_graphs import DecodeGraphs
+from inference.memory_plan import kv_block_bytes
 from inference.models import load_model
 from inference.parallel import group
-from inference.parallel.layers import shard_heads
 from inference.parallel.step_message import StepPlan, encode_step
 from inference.sampler import Sampler, SamplerOutput, SamplingRow, gather_logprobs
 from inference.request import Request
@@ -59,16 +59,6 @@ class RunnerOutput:
     # request id -> (first prompt position predicted, entries) for requests
     # that asked for prompt logprobs and computed prompt tokens this step
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = field(default_factory=dict)
-
-
-def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
-    """Bytes of one KV block on one rank."""
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    num_heads = hf_config.num_attention_heads
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-    num_kv_heads = shard_heads(num_heads, num_kv_heads, 0, tensor_parallel_size).num_kv_heads
-    element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -31,10 +31,14 @@ from kernels import cpu_ops
 MAX_ROWS = 512
 
 
+def packs(dtype: torch.dtype) -> bool:
+    """Whether CPU weights of `dtype` get packed copies (float32, with the C++ ops built)."""
+    return dtype == torch.float32 and cpu_ops.available()
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The C++ kernel's panels of a `[out, in]` float32 CPU weight, or None where they do not apply."""
-    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and cpu_ops.available()):
+    if not (weight.device.type == "cpu" and weight.dim() == 2 and packs(weight.dtype)):
         return None
     return torch.ops.pagedinfer_cpu.pack_linear_weight(weight.detach())
 

@@ -128,6 +128,47 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """`pagedinfer plan`: one clear line and exit code 2 when the folder or the sizes are wrong."""
+    try:
+        lines = _memory_plan(args).describe()
+    except (ValueError, OSError) as exc:
+        print(f"pagedinfer plan: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _memory_plan(args: argparse.Namespace):
+    from transformers import AutoConfig
+
+    from inference.config import EngineConfig
+    from inference.memory_plan import GIB, plan
+    from inference.parallel.layers import check_tensor_parallel
+
+    if args.device_memory is not None and args.device_memory <= 0 or (args.kv_cache_memory or 1) <= 0:
+        raise ValueError("--device-memory and --kv-cache-memory must be positive")
+    on_gpu = args.device_memory is not None
+    kv_cache_memory = None if on_gpu else int((args.kv_cache_memory or 2) * GIB)
+    # The serve defaults (max_model_len, batch limits, dtype "auto") for that device; the
+    # tensor-parallel check without the GPUs this machine may not have.
+    config = EngineConfig.create(
+        model=args.model, dtype=args.dtype, device="cuda" if on_gpu else "cpu", block_size=args.block_size,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization if on_gpu else None,
+    )
+    hf_config = AutoConfig.from_pretrained(config.model)
+    if args.tensor_parallel_size > 1:
+        check_tensor_parallel(hf_config, args.tensor_parallel_size)
+    return plan(hf_config, dtype=config.dtype, device=config.device, block_size=config.block_size,
+                max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=kv_cache_memory,
+                device_memory=int(args.device_memory * GIB) if on_gpu else None,
+                gpu_memory_utilization=args.gpu_memory_utilization)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import functools
 
@@ -157,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=32)
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="the memory plan of a model, without loading it")
+    plan.add_argument("--model", required=True, help="Hugging Face folder (config.json is all it reads)")
+    plan.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    plan.add_argument("--max-model-len", type=int, default=None)
+    plan.add_argument("--max-num-seqs", type=int, default=None)
+    plan.add_argument("--max-num-batched-tokens", type=int, default=None)
+    plan.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64])
+    plan.add_argument("--tensor-parallel-size", type=int, default=1)
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                        help="plan for a GPU with this much memory per rank, in GiB")
+    budget.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                        help="plan for this KV cache budget per rank, in GiB (the CPU's way; default 2)")
+    plan.set_defaults(func=_plan)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_engine_args(serve)

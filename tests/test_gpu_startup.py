@@ -18,7 +18,8 @@ from transformers import AutoConfig
 
 import kernels
 from inference.config import EngineConfig
-from inference.model_runner import ModelRunner, kv_block_bytes
+from inference.memory_plan import kv_block_bytes
+from inference.model_runner import ModelRunner
 from kernels._checks import len_bucket
 
 MAX_POSITIONS = 1024  # the tiny models' max_position_embeddings

@@ -13,6 +13,8 @@ Invariants:
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,20 @@ def init_group(group_rank: int, group_size: int, init_file: str, device: str) ->
         world_size=group_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     _group = TensorParallelGroup(group_rank, group_size)
+
+
+@contextmanager
+def shape_only(group_rank: int, group_size: int) -> Iterator[None]:
+    """Act as rank `group_rank` of `group_size` while models are built on the
+    meta device for their shapes (inference/memory_plan.py); no collective may
+    run inside."""
+    global _group
+    saved = _group
+    _group = TensorParallelGroup(group_rank, group_size)
+    try:
+        yield
+    finally:
+        _group = saved
 
 
 def destroy_group() -> None:
