@@ -91,6 +91,8 @@ def _served_model_name(args: argparse.Namespace) -> str:
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
+    from server.cli import tracing_endpoint
+
     return ServerSettings(
         served_model_name=_served_model_name(args),
         api_key=args.api_key,
@@ -100,6 +102,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
         enable_console=not args.disable_console,
+        tracing=tracing_endpoint(args) is not None,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

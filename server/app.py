@@ -56,6 +56,11 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
     """`core_factory` builds the EngineCore; it is pickled to the core process."""
     state = ServerState(settings)
     metrics = EngineMetrics(state)
+    if settings.tracing:
+        from server.tracing import RequestTracer  # only now: tracing off imports nothing of OpenTelemetry
+
+        state.tracer = RequestTracer(settings.otlp_traces_endpoint, settings.served_model_name, metrics.trace_ids)
+        metrics.registry.register(state.tracer)
     console_stats = StatsHistory(metrics)
 
     @asynccontextmanager
@@ -70,6 +75,8 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
             sampling.cancel()
         await state.engine.shutdown()
         state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if state.tracer is not None:
+            await asyncio.to_thread(state.tracer.shutdown)  # the last spans, without blocking the loop
 
     app = FastAPI(
         title="pagedinfer",

@@ -3,12 +3,14 @@
 A bad flag stops the command before anything loads, with exit code 2 (as
 argparse does): argparse's own checks print the usage too; the checks of
 `check_args` (the JSON of --kv-events-config, the hash algorithm, whether
-the event endpoints can be bound) print one line saying what is wrong.
+the event endpoints can be bound, the OTLP traces endpoint and protocol)
+print one line saying what is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -72,6 +74,22 @@ def _kv_events_config(args: argparse.Namespace):
     return None if text is None else KVEventsConfig.from_json(text)
 
 
+def tracing_endpoint(args: argparse.Namespace) -> str | None:
+    """The OTLP traces endpoint: the flag's, else the standard variables', else
+    None, and tracing is off (nothing of OpenTelemetry is imported)."""
+    return (getattr(args, "otlp_traces_endpoint", None)  # a serve flag only
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+def _check_tracing(endpoint: str) -> str | None:
+    try:
+        from server.tracing import check_tracing
+    except ImportError as exc:
+        return f"tracing needs OpenTelemetry (pip install 'pagedinfer[tracing]'): {exc}"
+    return check_tracing(endpoint)
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags that argparse cannot check, or None."""
     from inference.block_hashing import HASH_ALGOS
@@ -79,6 +97,11 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.prefix_caching_hash_algo not in HASH_ALGOS:
         return (f"argument --prefix-caching-hash-algo: unknown algorithm {args.prefix_caching_hash_algo!r} "
                 f"(choose from {', '.join(HASH_ALGOS)})")
+    endpoint = tracing_endpoint(args)
+    if endpoint is not None:
+        problem = _check_tracing(endpoint)
+        if problem is not None:
+            return f"argument --otlp-traces-endpoint: {problem}"
     try:
         config = _kv_events_config(args)
     except ValueError as exc:
@@ -164,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-events-config", default=None, metavar="JSON",
         help='publish KV-cache events for routers, vLLM\'s JSON: {"enable_kv_cache_events": true, '
              '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv@pod@model"}',
+    )
+    serve.add_argument(
+        "--otlp-traces-endpoint", default=None, metavar="URL",
+        help="export a trace span per request over OTLP to this collector (grpc by default: "
+             "http://collector:4317; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf: http://collector:4318); "
+             "the standard OTEL_* variables apply",
     )
     serve.set_defaults(func=_serve)
     return parser

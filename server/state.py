@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from inference.async_engine import AsyncLLM
+    from server.tracing import RequestTracer
 
 T = TypeVar("T")
 
@@ -29,6 +30,8 @@ class ServerSettings:
     log_prompts: bool = False
     metrics_compat: str = "none"  # "vllm": also export vLLM's metric names
     enable_console: bool = True  # the web console at / and its /debug/* data
+    tracing: bool = False  # a trace span per completion request (server/tracing.py)
+    otlp_traces_endpoint: str | None = None  # the flag's URL; None lets the SDK read OTEL_* variables
 
 
 @dataclass(slots=True)
@@ -42,6 +45,7 @@ class ServerState:
     max_model_len: int = 0
     vocab_size: int = 0  # token ids the tokenizer knows: [0, vocab_size)
     draining: bool = False
+    tracer: RequestTracer | None = None  # with tracing on
     started: int = field(default_factory=lambda: int(time.time()))
     # One thread for tokenizing and chat templates: long prompts stay off the
     # event loop, and the tokenizer is never used from two threads.
