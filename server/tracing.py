@@ -3,7 +3,7 @@
 Tracing is on when `serve --otlp-traces-endpoint URL` is given or the
 standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT
 variable is set (see `server/cli.py`); otherwise this module is never
-imported and nothing of OpenTelemetry is loaded. `check_tracing` holds the
+imported and neither the OpenTelemetry SDK nor an exporter is loaded. `check_tracing` holds the
 start-up checks (the URL, the protocol) that stop `serve` with exit code 2.
 A flag URL without a path gets the collector's `/v1/traces` under
 http/protobuf, as the SDK does for OTEL_EXPORTER_OTLP_ENDPOINT.
@@ -123,6 +123,9 @@ class RequestTracer(Collector):
         self.model_name = model_name
         self.trace_ids = trace_ids
         self.exporter = CountingExporter(_exporter(endpoint))
+        # The OTLP exporters log every failed batch (and every retry): with the
+        # collector down that floods the log. CountingExporter says it once.
+        logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
         # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
         # without them the service is called "pagedinfer".
         resource = Resource({"service.name": "pagedinfer"}).merge(Resource.create())
