@@ -50,8 +50,11 @@ class RequestSpan:
         """The request's prompts went to the engine under these ids."""
         self.request_id = request_id
         self.params = params
+        context = self.span.get_span_context()
+        if not context.trace_flags.sampled:
+            return  # never exported: an exemplar naming its trace would lead nowhere
         self.engine_request_ids = engine_request_ids
-        trace_id = format_trace_id(self.span.get_span_context().trace_id)
+        trace_id = format_trace_id(context.trace_id)
         for engine_request_id in engine_request_ids:
             self.trace_ids[engine_request_id] = trace_id
 
