@@ -47,7 +47,7 @@ extensions:
     http:
       endpoint: 127.0.0.1:{query_port}
     grpc:
-      endpoint: 127.0.0.1:{query_grpc_port}
+      endpoint: 127.0.0.1:{query_grpc_port}{ui}
   jaeger_storage:
     backends:
       memstore:
@@ -120,13 +120,16 @@ class Jaeger:
                 self.process.wait()
 
 
-def start_jaeger() -> Jaeger:
-    """A fresh Jaeger with empty storage, answering its query API."""
+def start_jaeger(ui_assets: Path | None = None) -> Jaeger:
+    """A fresh Jaeger with empty storage, answering its query API. The Go
+    module holds no UI (its assets are built by npm in jaeger-ui's own
+    repository): `ui_assets`, a built jaeger-ui folder, adds one."""
     binary = go_tool("jaeger", JAEGER_PACKAGE)
     ports = {name: free_port() for name in ("grpc_port", "http_port", "query_port", "query_grpc_port")}
     folder = Path(tempfile.mkdtemp(prefix="pagedinfer-jaeger-"))
     config = folder / "config.yaml"
-    config.write_text(CONFIG.format(**ports))
+    ui = f"\n    ui:\n      assets_path: {ui_assets}" if ui_assets is not None else ""
+    config.write_text(CONFIG.format(ui=ui, **ports))
     log_path = folder / "jaeger.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([str(binary), "--config", str(config)], cwd=folder,
