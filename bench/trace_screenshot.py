@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tests' Jaeger, browser and server helpers
 
-from console_tools import start_chromium, wait_for  # noqa: E402
+from console_tools import save_screenshot, start_chromium, wait_for  # noqa: E402
 from jaeger_tools import start_jaeger  # noqa: E402
 from server_fixtures import start_server  # noqa: E402
 
@@ -75,9 +75,8 @@ def main() -> None:
         tags = wait_for(lambda: browser.find_elements("css selector", ".AccordianKeyValues--header"), 10, "tags")
         tags[0].click()
         time.sleep(1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(args.out))
-        print(f"trace {trace_id} -> {args.out}")
+        print(f"trace {trace_id}")
+        save_screenshot(browser, args.out)
     finally:
         browser.quit()
         server.stop()

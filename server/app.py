@@ -57,7 +57,7 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore])
     state = ServerState(settings)
     metrics = EngineMetrics(state)
     if settings.tracing:
-        from server.tracing import RequestTracer  # only now: tracing off imports nothing of OpenTelemetry
+        from server.tracing import RequestTracer  # only now: tracing off loads no OpenTelemetry SDK
 
         state.tracer = RequestTracer(settings.otlp_traces_endpoint, settings.served_model_name, metrics.trace_ids)
         metrics.registry.register(state.tracer)

@@ -144,7 +144,7 @@ class EngineMetrics(Collector):
                 num_firsts = sum(1 for c, k in zip(output.outputs, output.new_token_counts)
                                  if k and len(c.token_ids) == k)
                 if num_new > num_firsts:
-                    hist["itl"].observe(now - previous, num_new - num_firsts, trace_id)
+                    hist["itl"].observe(now - previous, num_new - num_firsts, trace_id=trace_id)
                 counters["generation_tokens"] += num_new
                 self._last_token_time[output.request_id] = now
             if output.finished:
@@ -198,7 +198,7 @@ class EngineMetrics(Collector):
         counters = dict(self._counters)
         success = dict(self._success)
         structured = dict(self._structured)
-        histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}  # with exemplars
+        histograms = {key: (h.cumulative(), h.sum) for key, h in self._histograms.items()}
 
         ready = GaugeMetricFamily("pagedinfer_ready", "1 once the model is loaded and the server takes requests",
                                   labels=["model_name"])

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from go_tools import go_tool
-from server_fixtures import free_port
+from server_fixtures import free_port, terminate
 
 JAEGER_PACKAGE = "github.com/jaegertracing/jaeger/cmd/jaeger"
 READY_TIMEOUT_S = 60
@@ -111,13 +111,7 @@ class Jaeger:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 def start_jaeger(ui_assets: Path | None = None) -> Jaeger:
