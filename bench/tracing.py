@@ -6,17 +6,24 @@ to a real Jaeger (v1.75.0, tests/tools/jaeger, built once and cached). The
 same requests (prompts as token ids, EOS ignored, greedy) go to one, then
 the other, at max concurrency c (default 16), --repeats rounds whose order
 alternates (off-on, on-off, ...), so a drift in the machine's load falls on
-both sides; the idle server only waits. Reports output tok/s per round, the
-median of the rounds' on / off ratios, the spans Jaeger received and the
-spans the server dropped. The target: on / off >= 0.97.
+both sides; the idle server only waits.
 
-    nice -n 10 python -m bench.tracing --repeats 8 --out bench/out/tracing.json
+Reports per round the output tok/s and the CPU seconds the server's
+processes (front end and engine core) spent per output token, then the
+medians of the rounds' ratios: throughput on / off, and CPU per token
+off / on. The second is what tracing costs, little moved by other work on
+the machine (which the wall-clock throughput is not); on a CPU-bound
+server the two agree. Also the traces Jaeger received and the spans the
+server dropped. The target: on / off >= 0.97.
+
+    nice -n 10 python -m bench.tracing --repeats 10 --out bench/out/tracing.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -58,6 +65,26 @@ def server(args: argparse.Namespace, model: str, num_requests: int, log: Path, e
     return ServerProcess(command, cfg.base_url + "/ready", log, env, startup_timeout=600), cfg
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            total += sum(cpu_seconds(int(child)) for child in children.read().split())
+    return total
+
+
+def level(process: ServerProcess, cfg: ClientConfig, requests: list, concurrency: int, on: bool) -> dict:
+    """One benchmark level: output tok/s, and the server's CPU seconds per output token."""
+    cpu = cpu_seconds(process.proc.pid)
+    metrics = run_level(cfg, requests, concurrency, label=f"tracing {'on' if on else 'off'}")["metrics"]
+    cpu = cpu_seconds(process.proc.pid) - cpu
+    return {"tracing": on, "output_throughput": metrics["output_throughput"], "failed": metrics["failed"],
+            "cpu_s_per_token": cpu / max(metrics["total_output_tokens"], 1)}
+
+
 def num_dropped(base_url: str) -> float:
     text = httpx.get(base_url + "/metrics", timeout=10).text
     return next((float(line.split()[-1]) for line in text.splitlines()
@@ -79,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=8, help="off/on rounds; numbers are medians")
+    parser.add_argument("--repeats", type=int, default=10, help="off/on rounds; numbers are medians")
     parser.add_argument("--out", default=None, help="JSON report")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="pagedinfer-tracing-"))
@@ -96,26 +123,25 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(process)
             for i in range(args.repeats):
                 order = (False, True) if i % 2 == 0 else (True, False)
-                runs = {}
-                for on in order:
-                    cfg = servers[on][1]
-                    metrics = run_level(cfg, requests, args.concurrency, label=f"tracing {'on' if on else 'off'}")
-                    runs[on] = {"tracing": on, "output_throughput": metrics["metrics"]["output_throughput"],
-                                "failed": metrics["metrics"]["failed"]}
+                runs = {on: level(*servers[on], requests, args.concurrency, on) for on in order}
                 rounds.append(runs)
-                print(f"round {i}: off {runs[False]['output_throughput']:8.1f} tok/s, "
-                      f"on {runs[True]['output_throughput']:8.1f} tok/s, on / off "
-                      f"{runs[True]['output_throughput'] / runs[False]['output_throughput']:.3f}", flush=True)
+                off, on = runs[False], runs[True]
+                print(f"round {i}: off {off['output_throughput']:7.1f} tok/s {off['cpu_s_per_token'] * 1e3:.3f} "
+                      f"ms CPU/tok, on {on['output_throughput']:7.1f} tok/s {on['cpu_s_per_token'] * 1e3:.3f} ms "
+                      f"CPU/tok; on / off {on['output_throughput'] / off['output_throughput']:.3f}, CPU off / on "
+                      f"{off['cpu_s_per_token'] / on['cpu_s_per_token']:.3f}", flush=True)
             dropped = num_dropped(servers[True][1].base_url)
         traces = num_traces(jaeger.query_url)  # after the traced server's shutdown flushed its last spans
         ratio = statistics.median(r[True]["output_throughput"] / r[False]["output_throughput"] for r in rounds)
+        cpu_ratio = statistics.median(r[False]["cpu_s_per_token"] / r[True]["cpu_s_per_token"] for r in rounds)
         # The warm-up request of each level is traced too.
-        print(f"median on / off over {len(rounds)} rounds: {ratio:.3f}; Jaeger holds {traces} traces "
-              f"of {args.repeats * (len(requests) + 1)} traced requests, {dropped:.0f} spans dropped")
+        print(f"median over {len(rounds)} rounds: throughput on / off {ratio:.3f}, CPU per token off / on "
+              f"{cpu_ratio:.3f}; Jaeger holds {traces} traces of {args.repeats * (len(requests) + 1)} traced "
+              f"requests, {dropped:.0f} spans dropped")
         runs = [run for r in rounds for run in r.values()]
         if args.out:
             write_json(args.out, {"when": now_utc(), "commit": git_commit(), "machine": machine_info(),
-                                  "args": vars(args), "runs": runs, "ratio": ratio, "traces_in_jaeger": traces,
+                                  "args": vars(args), "runs": runs, "ratio": ratio, "cpu_ratio": cpu_ratio, "traces_in_jaeger": traces,
                                   "spans_dropped": dropped})
         return 0 if all(r["failed"] == 0 for r in runs) else 1
     finally:
