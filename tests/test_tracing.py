@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 
 import httpx
@@ -19,7 +20,10 @@ import pytest
 
 from jaeger_tools import Jaeger, span_tags, start_jaeger
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
-from server_fixtures import ServerProcess, free_port, sse_events, start_server
+from server_fixtures import REPO, ServerProcess, free_port, sse_events, start_server
+
+if str(REPO) not in sys.path:  # `bench` is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
 
 pytestmark = pytest.mark.slow
 SERVICE = "pagedinfer-under-test"
@@ -238,3 +242,17 @@ def test_a_dead_collector_costs_requests_nothing(tiny_llama_chat_dir):
         assert len(warnings) == 1 and "did not take" in warnings[0], warnings
     finally:
         server.stop()
+
+
+def test_the_benchmark_traces_every_request(tmp_path):
+    """bench/tracing.py end to end on a tiny run: its own Jaeger holds a trace per traced request."""
+    from bench import tracing
+
+    out = tmp_path / "tracing.json"
+    assert tracing.main(["--repeats", "2", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+                         "--concurrency", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["traces_in_jaeger"] == 2 * (4 + 1)  # the warm-up request of each level too
+    assert report["spans_dropped"] == 0
+    for run in report["runs"]:
+        assert run["failed"] == 0 and run["output_throughput"] > 0 and run["cpu_s_per_token"] > 0
