@@ -54,7 +54,8 @@ def check_tracing(endpoint: str) -> str | None:
     """What is wrong with the endpoint URL or the OTLP protocol variable, or None."""
     protocol = _protocol()
     if protocol not in PROTOCOLS:
-        return f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL is {protocol!r}: choose from {', '.join(PROTOCOLS)}"
+        return (f"the OTLP protocol (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL) is "
+                f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
     try:
         url = urlsplit(endpoint)
         port = url.port
