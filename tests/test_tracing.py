@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import sys
 import time
@@ -42,8 +43,8 @@ def jaeger():
 def _traced_server(model_dir, jaeger_endpoint: str, protocol: str = "grpc",
                    env: dict[str, str] | None = None) -> ServerProcess:
     return start_server("--model", str(model_dir), *SERVER_ARGS, "--otlp-traces-endpoint", jaeger_endpoint, env={
-        "OTEL_SERVICE_NAME": SERVICE, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
-        "OTEL_BSP_SCHEDULE_DELAY": "100", **(env or {}),
+        "OTEL_SERVICE_NAME": SERVICE, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol, "OTEL_BSP_SCHEDULE_DELAY": "100", **(env or {}),
     })
 
 
@@ -66,7 +67,9 @@ def request_span(jaeger: Jaeger, trace_id: str, parent_span_id: str) -> dict:
     [span] = trace["spans"]
     assert span["operationName"] == "llm_request"
     assert span["references"] == [{"refType": "CHILD_OF", "traceID": trace_id, "spanID": parent_span_id}]
-    assert trace["processes"][span["processID"]]["serviceName"] == SERVICE
+    process = trace["processes"][span["processID"]]
+    assert process["serviceName"] == SERVICE
+    assert {"key": "deployment.environment.name", "type": "string", "value": "test"} in process["tags"]
     return span
 
 
@@ -200,16 +203,26 @@ def test_exemplars_name_traces_in_jaeger(server: ServerProcess, jaeger: Jaeger):
             jaeger.trace(exemplar_trace_id)  # every exemplar leads to a trace Jaeger holds
 
 
-def test_otlp_over_http(tiny_llama_chat_dir, jaeger: Jaeger):
+def test_otlp_over_http_and_the_sampler_variables(tiny_llama_chat_dir, jaeger: Jaeger):
+    """OTLP/HTTP, with a sampler that follows the caller and samples nothing else."""
     # No path in the URL: the server exports to the collector's /v1/traces.
-    server = _traced_server(tiny_llama_chat_dir, jaeger.otlp_http_endpoint, protocol="http/protobuf")
+    server = _traced_server(tiny_llama_chat_dir, jaeger.otlp_http_endpoint, protocol="http/protobuf", env={
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
     try:
         trace_id, span_id, headers = caller_context()
+        body = {"prompt": "over http", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
         with server.client() as client:
-            answer = client.post("/v1/completions", headers=headers, json={
-                "prompt": "over http", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
-        assert answer.status_code == 200, answer.text
+            unsampled = client.post("/v1/completions", json=body)
+            answer = client.post("/v1/completions", headers=headers, json=body)
+            openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text"}).text
+        assert unsampled.status_code == 200 and answer.status_code == 200, answer.text
         check_span(request_span(jaeger, trace_id, span_id), answer.json(), n=1, max_tokens=3)
+        # Exported in order: once the sampled span is in, the unsampled one would be too.
+        found = httpx.get(f"{jaeger.query_url}/api/traces", timeout=5, params={
+            "service": SERVICE, "tags": json.dumps({"gen_ai.request.id": unsampled.json()["id"]})}).json()
+        assert found["data"] == []
+        exemplar_trace_ids = set(re.findall(r'trace_id="([0-9a-f]{32})"', openmetrics))
+        assert exemplar_trace_ids == {trace_id}  # none names the unsampled request's trace
     finally:
         server.stop()
 
