@@ -40,9 +40,9 @@ def jaeger():
     jaeger.stop()
 
 
-def _traced_server(model_dir, jaeger_endpoint: str, protocol: str = "grpc",
-                   env: dict[str, str] | None = None) -> ServerProcess:
-    return start_server("--model", str(model_dir), *SERVER_ARGS, "--otlp-traces-endpoint", jaeger_endpoint, env={
+def _traced_server(model_dir, jaeger_endpoint: str, protocol: str = "grpc", env: dict[str, str] | None = None,
+                   args: tuple[str, ...] = SERVER_ARGS) -> ServerProcess:
+    return start_server("--model", str(model_dir), *args, "--otlp-traces-endpoint", jaeger_endpoint, env={
         "OTEL_SERVICE_NAME": SERVICE, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol, "OTEL_BSP_SCHEDULE_DELAY": "100", **(env or {}),
     })
@@ -223,6 +223,29 @@ def test_otlp_over_http_and_the_sampler_variables(tiny_llama_chat_dir, jaeger: J
         assert found["data"] == []
         exemplar_trace_ids = set(re.findall(r'trace_id="([0-9a-f]{32})"', openmetrics))
         assert exemplar_trace_ids == {trace_id}  # none names the unsampled request's trace
+    finally:
+        server.stop()
+
+
+def test_preemptions_reach_the_span(tiny_llama_chat_dir, jaeger: Jaeger):
+    """Four requests of 8 blocks each in a 20-block cache: the scheduler must preempt."""
+    server = _traced_server(tiny_llama_chat_dir, jaeger.otlp_grpc_endpoint,
+                            args=("--max-model-len", "256", "--num-kv-blocks", "20", "--max-num-seqs", "4"))
+    try:
+        callers = [caller_context() for _ in range(4)]
+
+        async def send_all() -> list[httpx.Response]:
+            async with server.async_client() as client:
+                return await asyncio.gather(*(client.post("/v1/completions", headers=headers, json={
+                    "prompt": [7 + i] * 16, "max_tokens": 112, "ignore_eos": True}) for i, (_, _, headers) in
+                    enumerate(callers)))
+
+        answers = asyncio.run(send_all())
+        assert [a.status_code for a in answers] == [200] * 4
+        num_preemptions = server.metrics()["pagedinfer_num_preemptions_total"]
+        assert num_preemptions > 0
+        spans = [request_span(jaeger, trace_id, span_id) for trace_id, span_id, _ in callers]
+        assert sum(span_tags(span)["pagedinfer.num_preemptions"] for span in spans) == num_preemptions
     finally:
         server.stop()
 
