@@ -115,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len, seed=0)
         requests = build_requests(workload, prompt_vocab_size(model))
         rounds, dropped = [], 0.0
-        for session, start_order in enumerate(((False, True), (True, False))):
+        for half, start_order in enumerate(((False, True), (True, False))):
             # The server started second ran faster in trials, whatever its
             # tracing: each half of the rounds starts them in the other order.
-            servers = {on: server(args, model, len(requests), workdir / f"server-{session}-{on}.log",
+            servers = {on: server(args, model, len(requests), workdir / f"server-{half}-{on}.log",
                                   jaeger.otlp_grpc_endpoint if on else None) for on in start_order}
             with contextlib.ExitStack() as stack:
                 for process, _ in servers.values():
                     stack.enter_context(process)
-                for i in range(len(rounds), args.repeats * (session + 1) // 2):
+                for i in range(len(rounds), args.repeats * (half + 1) // 2):
                     order = (False, True) if i % 2 == 0 else (True, False)
                     runs = {on: level(*servers[on], requests, args.concurrency, on) for on in order}
                     rounds.append(runs)
