@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model cpu-kernels browser triton-gpu-image test serve bench clean
+.PHONY: install model cpu-kernels browser go-peers triton-gpu-image test serve bench clean
 
 $(VENV)/.torch-stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
+# The tests' Go peers (tests/tools/: Jaeger, llm-d's KV-cache indexer) are
+# built by the tests themselves, once, into ~/.cache/pagedinfer/go-tools;
+# llm-d's indexer links Debian's libzmq, which CI (root) gets from apt.
+go-peers:
+	@pkg-config --exists libzmq 2>/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends libzmq3-dev pkg-config; }
+
 # The GPU image's Triton (3.6), beside the venv's, for the compile check in
 # tests/test_kernels.py: kernels are compiled for sm_80/sm_90 with the
 # compiler the GPU runs. Its compile cache (~/.cache/pagedinfer/triton-gpu-image)
@@ -50,7 +58,7 @@ $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE): $(VENV)/.torch-stamp
 
 triton-gpu-image: $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE)
 
-test: model cpu-kernels browser triton-gpu-image
+test: model cpu-kernels browser go-peers triton-gpu-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: model cpu-kernels

@@ -20,8 +20,11 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 import zmq
@@ -59,19 +62,64 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGES_PER_READ = 64  # core messages handled before the streams get the event loop
 
 
+# transformers' lazy module fails ("cannot import name 'AutoTokenizer'") when a
+# second thread imports it while the first is still running its __init__: the
+# engine's and the server's tokenizers load on two threads at once.
+_TRANSFORMERS_IMPORT = threading.Lock()
+
+
+def load_tokenizer(folder: str):
+    """A model folder's tokenizer, from any thread."""
+    with _TRANSFORMERS_IMPORT:
+        from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@dataclass(slots=True)
+class SpawnedCore:
+    process: BaseProcess
+    socket_dir: str  # holds the two ipc sockets; removed at shutdown
+    input_address: str
+    output_address: str
+
+
+def spawn_core(core_factory: Callable[[], EngineCore]) -> SpawnedCore:
+    """Start the engine-core process now, for an AsyncLLM to adopt later.
+
+    The core connects to sockets that AsyncLLM binds when it is built
+    (ZeroMQ retries a connect until its endpoint exists), so a server can
+    start the core before its own imports, and the two import in parallel.
+    """
+    socket_dir = tempfile.mkdtemp(prefix="pagedinfer-core-")
+    input_address, output_address = f"ipc://{socket_dir}/input", f"ipc://{socket_dir}/output"
+    # spawn, not fork: the parent may hold threads and a CUDA context.
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid(), time.time()),
+        name="engine-core", daemon=True,
+    )
+    process.start()
+    return SpawnedCore(process, socket_dir, input_address, output_address)
+
+
 class AsyncLLM:
     def __init__(
         self,
-        core_factory: Callable[[], EngineCore],
+        core: SpawnedCore | Callable[[], EngineCore],
         stats_logger: Callable[[list[RequestOutput], EngineStats], None] | None = None,
+        tokenizer_folder: str | None = None,
     ) -> None:
-        """Start the core process; it builds the core with `core_factory`,
-        which must be picklable (a module-level function or a partial of one).
+        """Adopt a core process started by `spawn_core`, or start one with
+        `core`, the factory that builds the core in it, which must be
+        picklable (a module-level function or a partial of one).
 
         `stats_logger(outputs, stats)`, if given, runs on the event loop for
         every message from the core (once the core is loaded, after every
         step, and after adds or aborts applied while idle), before the
         outputs reach their streams.
+
+        `tokenizer_folder`, when the model's folder is known before the core
+        has loaded it, starts loading the detokenizer's tokenizer at once, in
+        parallel with the core, rather than after it.
         """
         self._stats_logger = stats_logger
         self._streams: dict[str, RequestStream] = {}
@@ -82,27 +130,24 @@ class AsyncLLM:
         self._kv_snapshot = SharedSnapshotRequest()
         self.config: EngineConfig | None = None
         self.vocab_size = 0
+        self.startup_seconds: dict[str, float] = {}  # the core's start-up phases, once ready
+        self._tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, tokenizer_folder)) \
+            if tokenizer_folder else None
         self.dead_error: BaseException | None = None
-        self._socket_dir = tempfile.mkdtemp(prefix="pagedinfer-core-")
-        input_address = f"ipc://{self._socket_dir}/input"
-        output_address = f"ipc://{self._socket_dir}/output"
+        spawned = core if isinstance(core, SpawnedCore) else spawn_core(core)
+        self._socket_dir = spawned.socket_dir
         self._context = zmq.asyncio.Context()
         # A plain (not asyncio) socket: with no high-water mark a send to a
         # connected core queues at once, so the event loop never waits on it.
         self._inputs = zmq.Socket(self._context, zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)
-        self._inputs.bind(input_address)
+        self._inputs.bind(spawned.input_address)
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
-        self._outputs.bind(output_address)
+        self._outputs.bind(spawned.output_address)
         self._input_codec = Codec(CORE_INPUTS)
         self._output_codec = Codec(CORE_OUTPUTS)
-        # spawn, not fork: the parent may hold threads and a CUDA context.
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(core_factory, input_address, output_address, os.getpid()),
-            name="engine-core", daemon=True,
-        )
-        self._process.start()
+        self._process = spawned.process
         loop = asyncio.get_running_loop()
         loop.add_reader(self._process.sentinel, self._core_exited)
         self._reader = asyncio.create_task(self._read_outputs())
@@ -282,13 +327,12 @@ class AsyncLLM:
             await asyncio.sleep(0)
 
     async def _on_ready(self, ready: CoreReady) -> None:
-        from transformers import AutoTokenizer
-
         # Our own tokenizer instance: the server tokenizes prompts on another
         # thread, and a fast tokenizer must not be used from two at once.
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, ready.config.model)
+        tokenizer = await (self._tokenizer or asyncio.to_thread(load_tokenizer, ready.config.model))
         self._processor = OutputProcessor(tokenizer)
         self.config, self.vocab_size = ready.config, ready.vocab_size
+        self.startup_seconds = ready.startup_seconds
         self._stats = ready.stats
         self._log_stats([], ready.stats)
         self._ready.set()

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inference.config import EngineConfig
-from inference.sampler import LogprobEntry
 from inference.sampling_params import SamplingParams
+
+LogprobEntry = tuple[float, int, list[int], list[float]]  # chosen lp, its rank, top ids, top lps
 
 
 @dataclass(slots=True)
@@ -158,6 +159,7 @@ class CoreReady:
     config: EngineConfig
     vocab_size: int
     stats: EngineStats
+    startup_seconds: dict[str, float]  # the core's start-up phases (inference/startup_phases.py)
 
 
 @dataclass(slots=True)

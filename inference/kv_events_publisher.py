@@ -36,7 +36,7 @@ import zmq
 
 from inference.kv_cache_events import KVCacheEvent
 from inference.kv_events_config import KVEventsConfig
-from inference.kv_events_wire import KVEventBatch, to_wire
+from inference.kv_events_wire import encode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ class KVEventPublisher:
                 return
             ts, events = item
             try:
-                batch = KVEventBatch(ts, [to_wire(e, self.block_size) for e in events], data_parallel_rank=0)
-                payload = encoder.encode(batch)
+                payload = encode_batch(encoder, ts, events, self.block_size)
                 self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # past the high-water mark: ZeroMQ drops it; replay still has it

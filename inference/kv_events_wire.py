@@ -7,13 +7,25 @@ One ZeroMQ message per engine step that changed the cache:
     frame 2  msgpack KVEventBatch: [ts, [event, ...], data_parallel_rank]
 
 Every struct is array-like (positional) and every event is tagged with its
-class name as the first element, so a `BlockStored` is
+class name as the first element. Trailing fields at their defaults (None)
+are left off, which vLLM's own decoders accept (those fields have defaults),
+though msgspec's omit_defaults does not do it for array-like structs. A
+`BlockStored` is
 
     ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size,
-     lora_id, medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind]
+     lora_id, medium, lora_name(, extra_keys)]
+
+and a batch is always [ts, events, 0]: vLLM's EventBatch with one
+data-parallel rank, named.
 
 Positional, not vLLM's newer map encoding: llm-d's indexer decodes arrays
-in every version, maps only in its newest.
+in every version, maps only in its newest. Its older decoders also want the
+exact field count they know (seven for `BlockStored`, two for
+`BlockRemoved`, three for a batch), so the newer optional fields are sent
+only when they say something: vLLM's later `group_idx` and KV-cache spec
+fields are never sent (the engine has one full-attention group, which a
+reader assumes when they are absent), and `extra_keys` only when a block of
+the event has some.
 
 Block hashes go out as vLLM does by default (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES):
 the low 64 bits of the 32-byte hash read big-endian, as an unsigned int.
@@ -33,13 +45,7 @@ from inference.block_hashing import block_extra_keys
 from inference.kv_cache_events import BlocksRemoved, BlocksStored, KVCacheEvent
 
 MEDIUM = "GPU"
-KV_CACHE_SPEC_KIND = "full_attention"
-
-
-class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[Any]
-    data_parallel_rank: int | None = None
+DATA_PARALLEL_RANK = 0
 
 
 class KVCacheEventStruct(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
@@ -55,23 +61,15 @@ class BlockStored(KVCacheEventStruct):
     medium: str | None
     lora_name: str | None
     extra_keys: list[tuple[Any, ...] | None] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
 
 
 class BlockRemoved(KVCacheEventStruct):
     block_hashes: list[int]
     medium: str | None
-    group_idx: int | None = None
 
 
 class AllBlocksCleared(KVCacheEventStruct):
     pass
-
-
-class KVEventBatch(EventBatch):
-    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
 def external_hash(block_hash: bytes) -> int:
@@ -81,6 +79,7 @@ def external_hash(block_hash: bytes) -> int:
 def to_wire(event: KVCacheEvent, block_size: int) -> BlockStored | BlockRemoved | AllBlocksCleared:
     if isinstance(event, BlocksStored):
         first = event.first_block_index
+        extra_keys = [block_extra_keys(first + i, event.cache_salt) for i in range(len(event.block_hashes))]
         return BlockStored(
             block_hashes=[external_hash(h) for h in event.block_hashes],
             parent_block_hash=None if event.parent_block_hash is None else external_hash(event.parent_block_hash),
@@ -89,10 +88,24 @@ def to_wire(event: KVCacheEvent, block_size: int) -> BlockStored | BlockRemoved 
             lora_id=None,
             medium=MEDIUM,
             lora_name=None,
-            extra_keys=[block_extra_keys(first + i, event.cache_salt) for i in range(len(event.block_hashes))],
-            group_idx=0,
-            kv_cache_spec_kind=KV_CACHE_SPEC_KIND,
+            extra_keys=extra_keys if any(keys is not None for keys in extra_keys) else None,
         )
     if isinstance(event, BlocksRemoved):
-        return BlockRemoved(block_hashes=[external_hash(h) for h in event.block_hashes], medium=MEDIUM, group_idx=0)
+        return BlockRemoved(block_hashes=[external_hash(h) for h in event.block_hashes], medium=MEDIUM)
     return AllBlocksCleared()
+
+
+def _positional(event: KVCacheEventStruct) -> list[Any]:
+    """The event as an array-like struct encodes, less its trailing fields at their defaults."""
+    values = [type(event).__struct_config__.tag, *msgspec.structs.astuple(event)]
+    num_values = len(values)
+    for field in reversed(msgspec.structs.fields(event)):
+        if field.default is msgspec.NODEFAULT or values[num_values - 1] != field.default:
+            break
+        num_values -= 1
+    return values[:num_values]
+
+
+def encode_batch(encoder: msgspec.msgpack.Encoder, ts: float, events: list[KVCacheEvent], block_size: int) -> bytes:
+    """One KVEventBatch payload: [ts, [event, ...], data_parallel_rank]."""
+    return encoder.encode((ts, [_positional(to_wire(e, block_size)) for e in events], DATA_PARALLEL_RANK))

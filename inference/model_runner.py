@@ -25,21 +25,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import kernels
 from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
+from inference.core_protocol import LogprobEntry
 from inference.cuda_graphs import DecodeGraphs
 from inference.models import load_model
 from inference.parallel import group
 from inference.parallel.layers import shard_heads
 from inference.parallel.step_message import StepPlan, encode_step
-from inference.sampler import LogprobEntry, Sampler, SamplerOutput, SamplingRow, gather_logprobs
+from inference.sampler import Sampler, SamplerOutput, SamplingRow, gather_logprobs
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
+from inference.startup_phases import StartupPhases
 from inference.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,17 @@ def kv_block_bytes(hf_config, block_size: int, dtype: torch.dtype, tensor_parall
     return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * head_dim * element
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU from calloc: the OS's zero pages, faulted in
+    as blocks are first written rather than all at start-up (torch.zeros
+    writes every byte: 0.7-2.7 s of a 135M model's start with the default
+    KV budget on a 2-core VM)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, rank: int = 0) -> None:
         """Rank 0's runner starts the other ranks; a rank > 0 is built in its
@@ -75,6 +90,7 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.workers = None
+        self.startup = StartupPhases()
         if config.tensor_parallel_size > 1 and rank == 0:
             from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
 
@@ -93,22 +109,27 @@ class ModelRunner:
 
     def _load(self, hf_config) -> None:
         config = self.config
+        phase = self.startup.phase
         if self.device.type == "cpu":
             # Built or loaded now, not inside the first request.
-            logger.info("CPU ops: %s", kernels.cpu_kernels())
-        self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            with phase("cpu_kernels"):
+                logger.info("CPU ops: %s", kernels.cpu_kernels())
+        with phase("weights"):
+            self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
+            self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            packed = self.model.pack_cpu_weights() if self.device.type == "cpu" else 0
+        if packed:
+            logger.info("Weight copies packed for the C++ linear kernel: %.0f MiB", packed / 2**20)
+        self.weight_bytes += packed
         if self.device.type == "cpu":
-            packed = self.model.pack_cpu_weights()
-            if packed:
-                logger.info("Weight copies packed for the C++ linear kernel: %.0f MiB", packed / 2**20)
-            self.weight_bytes += packed
             # One decode-sized forward now, so the first request does not pay
             # for the kernels' first calls.
-            self.profile_forward(16, 16)
+            with phase("warmup"):
+                self.profile_forward(16, 16)
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)
-        self.kv_caches = self._allocate_kv_cache()
+        with phase("kv_cache"):
+            self.kv_caches = self._allocate_kv_cache()
         self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
         attn = self.model.layers[0].self_attn
         workspace_numel = kernels.decode_workspace_numel(
@@ -128,7 +149,8 @@ class ModelRunner:
         if not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.buffers, config.max_num_seqs, config.max_model_len)
             if self.device.type == "cuda":
-                self.graphs.capture()
+                with phase("graph_capture"):
+                    self.graphs.capture()
         # Every rank's weights and KV cache (and, on CUDA, all it allocated), by rank.
         self.rank_memory_bytes = group.all_gather_ints(self._memory_bytes(), self.device)
 
@@ -149,7 +171,8 @@ class ModelRunner:
             # Now, not in the first serving step of each bucket, which would stall every running request;
             # and before the KV budget is measured, as a first tuning (cold Triton cache) times its
             # configs with a 256 MB scratch buffer that a later start, reading the cache, does not need.
-            self._tune_prefill()
+            with self.startup.phase("autotune"):
+                self._tune_prefill()
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
         per_block = kv_block_bytes(hf_config, self.block_size, self.dtype, config.tensor_parallel_size)
@@ -236,10 +259,7 @@ class ModelRunner:
         shape = (self.num_blocks + 1, self.block_size, attn.num_kv_heads, attn.head_dim)
         caches = []
         for layer in self.model.layers:
-            kv = (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
+            kv = (_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
             layer.self_attn.kv_cache = kv
             caches.append(kv)
         return caches

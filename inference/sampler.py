@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.core_protocol import LogprobEntry
 from inference.sampling_params import SamplingParams
 
 
@@ -56,9 +57,6 @@ class SamplingRow:
     stop_ids: tuple[int, ...]  # banned while output is shorter than min_tokens
     sample_index: int = 0  # the n samples of a seeded request draw different streams
     grammar: Any = None  # the request's GrammarMatcher, for structured output
-
-
-LogprobEntry = tuple[float, int, list[int], list[float]]  # chosen lp, its rank, top ids, top lps
 
 
 @dataclass(slots=True)

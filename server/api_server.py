@@ -18,7 +18,6 @@ restarts it rather than leaving a server that can only refuse.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import time
 from pathlib import Path
@@ -26,8 +25,11 @@ from types import FrameType
 
 import uvicorn
 
+from inference.async_engine import SpawnedCore
+from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.state import ServerSettings, ServerState
+from server.tracing_config import tracing_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +92,17 @@ def _served_model_name(args: argparse.Namespace) -> str:
     return Path(args.model).name if args.model else default_model_dir().name
 
 
-def server_settings(args: argparse.Namespace) -> ServerSettings:
-    from server.cli import tracing_endpoint
+def _tokenizer_folder(args: argparse.Namespace) -> str | None:
+    """The model folder, if it exists before the core starts (a default model may still need preparing)."""
+    if args.model:
+        return args.model
+    from inference.prepare import default_model_dir
 
+    folder = default_model_dir()
+    return str(folder) if (folder / "config.json").exists() else None
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         served_model_name=_served_model_name(args),
         api_key=args.api_key,
@@ -102,21 +112,18 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
         enable_console=not args.disable_console,
-        tracing=tracing_endpoint(args) is not None,
+        model=_tokenizer_folder(args),
+        started_at=process_started_at(),
+        tracing=tracing_endpoint(args.otlp_traces_endpoint) is not None,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 
-def run_server(args: argparse.Namespace) -> int:
+def run_server(args: argparse.Namespace, core: SpawnedCore) -> int:
+    """Serve with the engine core `core`, started already (server/cli.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = server_settings(args)
-
-    from server.cli import build_core
-
-    # The core process gets the factory pickled: only plain values go, not
-    # the subcommand's function, which may live in __main__.
-    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
-    app = create_app(settings, functools.partial(build_core, engine_args))
+    app = create_app(settings, core)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
     server = DrainingServer(config, app.state.server)
     server.run()

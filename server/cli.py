@@ -10,7 +10,6 @@ print one line saying what is wrong.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -74,22 +73,6 @@ def _kv_events_config(args: argparse.Namespace):
     return None if text is None else KVEventsConfig.from_json(text)
 
 
-def tracing_endpoint(args: argparse.Namespace) -> str | None:
-    """The OTLP traces endpoint: the flag's, else the standard variables', else
-    None, and tracing is off (nothing of OpenTelemetry is imported)."""
-    return (getattr(args, "otlp_traces_endpoint", None)  # a serve flag only
-            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
-
-
-def _check_tracing(endpoint: str) -> str | None:
-    try:
-        from server.tracing import check_tracing
-    except ImportError as exc:
-        return f"tracing needs OpenTelemetry (pip install 'pagedinfer[tracing]'): {exc}"
-    return check_tracing(endpoint)
-
-
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags that argparse cannot check, or None."""
     from inference.block_hashing import HASH_ALGOS
@@ -97,9 +80,11 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.prefix_caching_hash_algo not in HASH_ALGOS:
         return (f"argument --prefix-caching-hash-algo: unknown algorithm {args.prefix_caching_hash_algo!r} "
                 f"(choose from {', '.join(HASH_ALGOS)})")
-    endpoint = tracing_endpoint(args)
+    from server.tracing_config import check_tracing, tracing_endpoint
+
+    endpoint = tracing_endpoint(getattr(args, "otlp_traces_endpoint", None))  # a serve flag only
     if endpoint is not None:
-        problem = _check_tracing(endpoint)
+        problem = check_tracing(endpoint)
         if problem is not None:
             return f"argument --otlp-traces-endpoint: {problem}"
     try:
@@ -152,9 +137,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import functools
+
+    from inference.async_engine import spawn_core
+
+    # The core first: it imports torch and loads the model while this
+    # process imports the server stack. The core process gets the factory
+    # pickled: only plain values go, not the subcommand's function, which may
+    # live in __main__.
+    engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    core = spawn_core(functools.partial(build_core, engine_args))
     from server.api_server import run_server
 
-    return run_server(args)
+    return run_server(args, core)
 
 
 def build_parser() -> argparse.ArgumentParser:

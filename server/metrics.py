@@ -26,6 +26,8 @@ What counts as what:
 - `request_success_total{finished_reason}` counts finished completions (n
   per request), by "stop", "length" or "abort";
 - prompt tokens are counted once per request, when its first token comes;
+- `startup_seconds{phase}` gives the start-up's phases once the server is
+  ready (inference/startup_phases.py), and `phase="total"` the whole;
 - `structured_requests_total{kind}` counts finished structured-output
   requests by grammar kind (json, json_object, regex, choice, grammar; tool
   choices "required" and named are json), and the grammar compile-time
@@ -87,6 +89,9 @@ COUNTERS = {
     "kv_events_dropped": ("pagedinfer_kv_events_dropped", None,
                           "KV-cache events dropped because the publisher's queue was full"),
 }
+STARTUP = ("pagedinfer_startup_seconds",
+           "Seconds of each start-up phase (phase=\"total\": from the process's start to ready; "
+           "the front end's tokenizer loads while the core starts, so phases overlap)")
 CACHE_CONFIG_INFO = ("vllm:cache_config_info", "Information of the LLMEngine CacheConfig")
 SUCCESS = ("pagedinfer_request_success", "vllm:request_success", "Finished completions by finish reason")
 STRUCTURED = ("pagedinfer_structured_requests", None, "Finished structured-output requests by grammar kind")
@@ -225,12 +230,22 @@ class EngineMetrics(Collector):
         yield family
         if self.vllm_names:
             yield from self._cache_config_info()
+        yield from self._startup()
         for key, spec in HISTOGRAMS.items():
             buckets, total = histograms[key]
             for name in self._names(spec):
                 family = HistogramMetricFamily(name, spec[2], labels=["model_name"])
                 family.add_metric(label, buckets, total)
                 yield family
+
+    def _startup(self) -> Iterator[Metric]:
+        startup = self.state.startup  # None until ready
+        if startup is None:
+            return
+        family = GaugeMetricFamily(STARTUP[0], STARTUP[1], labels=["model_name", "phase"])
+        for phase, seconds in [*startup.seconds.items(), ("total", self.state.startup_total_s)]:
+            family.add_metric([self.model_name, phase], seconds)
+        yield family
 
     def _cache_config_info(self) -> Iterator[Metric]:
         engine = self.state.engine

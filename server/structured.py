@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from inference.sampling_params import StructuredOutputsParams
-from inference.structured_output import check_structured_outputs
 from server.chat_tools import tool_choice_spec
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
@@ -66,6 +65,15 @@ def effective_tool_choice(request: ChatCompletionRequest) -> str | NamedToolChoi
     return "auto" if request.tools else "none"
 
 
+def _check_structured_outputs(params: StructuredOutputsParams) -> None:
+    # Imported on the first structured request, on the tokenizer thread:
+    # xgrammar brings torch, which the front end otherwise never loads, and
+    # start-up (the autoscaler's reaction time) should not pay for it.
+    from inference.structured_output import check_structured_outputs
+
+    check_structured_outputs(params)
+
+
 async def structured_outputs(state: ServerState, request: SamplingRequest) -> StructuredOutputsParams | None:
     """The request's spec, compiled once without a tokenizer to check it; 400 naming the field if bad."""
     found = _candidates(request)
@@ -78,7 +86,7 @@ async def structured_outputs(state: ServerState, request: SamplingRequest) -> St
     name, build = found[0]
     try:
         params = build()
-        await state.run_tokenizer(check_structured_outputs, params)
+        await state.run_tokenizer(_check_structured_outputs, params)
     except ValueError as exc:
         raise APIError(400, f"{name}: {exc}", param=name) from exc
     return params

@@ -2,9 +2,9 @@
 
 Tracing is on when `serve --otlp-traces-endpoint URL` is given or the
 standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT
-variable is set (see `server/cli.py`); otherwise this module is never
-imported and neither the OpenTelemetry SDK nor an exporter is loaded. `check_tracing` holds the
-start-up checks (the URL, the protocol) that stop `serve` with exit code 2.
+variable is set (see server/tracing_config.py, which also holds the
+start-up checks that stop `serve` with exit code 2); otherwise this module
+is never imported and neither the OpenTelemetry SDK nor an exporter is loaded.
 A flag URL without a path gets the collector's `/v1/traces` under
 http/protobuf, as the SDK does for OTEL_EXPORTER_OTLP_ENDPOINT.
 
@@ -24,7 +24,6 @@ with one warning per outage.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -41,42 +40,19 @@ from starlette.responses import Response, StreamingResponse
 
 from server.errors import APIError
 from server.request_span import RequestSpan
+from server.tracing_config import otlp_protocol
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("grpc", "http/protobuf")
 SPAN_NAME = "llm_request"  # vLLM's name for its per-request span
 _PROPAGATOR = TraceContextTextMapPropagator()
 _HEADERS = DefaultGetter()
 
 
-def check_tracing(endpoint: str) -> str | None:
-    """What is wrong with the endpoint URL or the OTLP protocol variable, or None."""
-    protocol = _protocol()
-    if protocol not in PROTOCOLS:
-        return (f"the OTLP protocol (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL) is "
-                f"{protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    try:
-        url = urlsplit(endpoint)
-        port = url.port
-    except ValueError as exc:
-        return f"the OTLP traces endpoint {endpoint!r} is not a URL: {exc}"
-    if url.scheme not in ("http", "https") or not url.hostname:
-        return f"the OTLP traces endpoint {endpoint!r} is not an http:// or https:// URL with a host"
-    if protocol == "grpc" and port is None:
-        return f"the OTLP traces endpoint {endpoint!r} names no port (the collector's gRPC port is 4317)"
-    return None
-
-
-def _protocol() -> str:
-    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                          os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")).strip()
-
-
 def _exporter(endpoint: str | None) -> SpanExporter:
     """The protocol's OTLP exporter; without `endpoint` the SDK reads the OTEL_* variables."""
     # Imported by protocol: each brings its own transport (grpcio, requests).
-    if _protocol() == "grpc":
+    if otlp_protocol() == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -5,12 +5,23 @@ loaded once per session."""
 from __future__ import annotations
 
 import os
+import threading
 
+import go_tools
 import pytest
 
 # Keep torch from spinning OpenMP threads against the server processes that
 # some tests start on the same two cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the Go peers (go_tools) in the background when a collected test uses one."""
+    if any(getattr(item.module, "go_tool", None) is go_tools.go_tool for item in session.items
+           if isinstance(item, pytest.Function)):
+        threading.Thread(target=go_tools.prebuild, name="go-peers-prebuild", daemon=True).start()
+
 
 TINY_CONFIGS = {
     "llama": dict(

@@ -21,7 +21,6 @@ import httpx
 from go_tools import go_tool
 from server_fixtures import free_port, terminate
 
-JAEGER_PACKAGE = "github.com/jaegertracing/jaeger/cmd/jaeger"
 READY_TIMEOUT_S = 60
 
 # The all-in-one's pipeline (cmd/jaeger/internal/all-in-one.yaml in the
@@ -118,7 +117,7 @@ def start_jaeger(ui_assets: Path | None = None) -> Jaeger:
     """A fresh Jaeger with empty storage, answering its query API. The Go
     module holds no UI (its assets are built by npm in jaeger-ui's own
     repository): `ui_assets`, a built jaeger-ui folder, adds one."""
-    binary = go_tool("jaeger", JAEGER_PACKAGE)
+    binary = go_tool("jaeger")
     ports = {name: free_port() for name in ("grpc_port", "http_port", "query_port", "query_grpc_port")}
     folder = Path(tempfile.mkdtemp(prefix="pagedinfer-jaeger-"))
     config = folder / "config.yaml"

@@ -22,6 +22,7 @@ from inference.request_stream import EngineDeadError, RequestFailedError
 from inference.config import EngineConfig
 from inference.core_protocol import EngineStats, SampleOutput, StepOutputs
 from inference.sampling_params import SamplingParams
+from inference.startup_phases import StartupPhases
 
 
 A = ord("a") - ord("!")  # the byte-level tokenizer numbers printable bytes from "!"
@@ -35,6 +36,7 @@ class ScriptedCore:
         self.config = EngineConfig(model=folder, dtype="float32", device="cpu", block_size=16, max_num_seqs=8,
                                    max_num_batched_tokens=64, max_model_len=10**7)
         self.vocab_size = 257
+        self.startup = StartupPhases()
         self.requests: dict[str, tuple[list[int], int]] = {}  # id -> (tokens so far, max_tokens)
         self.fail_steps = fail_steps
         self.fail_abort = fail_abort

@@ -11,7 +11,6 @@ build with the same receiver, processors and exporter.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 from urllib.parse import urlsplit
 
@@ -19,7 +18,6 @@ import pytest
 import yaml
 
 from go_tools import go_tool
-from jaeger_tools import JAEGER_PACKAGE
 from test_deploy import of_kind, render, server_container, server_deployment, the
 
 TARGET = "overlays/tracing"
@@ -52,13 +50,12 @@ def collector_config(docs: list[dict]) -> str:
 
 
 def test_server_variables_turn_tracing_on_and_pass_its_checks(docs, monkeypatch):
-    from server.cli import tracing_endpoint
-    from server.tracing import check_tracing
+    from server.tracing_config import check_tracing, tracing_endpoint
 
     env = server_env(docs)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    endpoint = tracing_endpoint(argparse.Namespace(otlp_traces_endpoint=None))
+    endpoint = tracing_endpoint(None)
     assert endpoint == env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
     assert check_tracing(endpoint) is None
     assert env["OTEL_SERVICE_NAME"] == "pagedinfer"
@@ -93,7 +90,7 @@ def test_the_server_pods_are_the_only_ones_patched(docs):
 def _validate(config_text: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "collector.yaml"
     path.write_text(config_text)
-    return subprocess.run([str(go_tool("jaeger", JAEGER_PACKAGE)), "validate", "--config", f"file:{path}"],
+    return subprocess.run([str(go_tool("jaeger")), "validate", "--config", f"file:{path}"],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -5,7 +5,8 @@ sizes the KV pool. Prompts reach the log only with `--log-prompts`. On
 SIGTERM, work that outlasts `--shutdown-timeout` is aborted (each stream ends
 with an error event, none is cut off) and the exit is still 0; a second
 SIGTERM ends the drain at once, the same way. A model that cannot load makes
-`serve` exit 1 with a line that says why.
+`serve` exit 1 with a line that says why. The start-up's phases are logged
+in one line and exported, and the front end never imports torch.
 
 A private server and the shared tiny one (tests/test_server_sampling_fields.py
 uses it too), one request running at a time so that queued work outlasts a
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -86,6 +89,32 @@ def test_ready_and_requests_answer_503_while_the_model_loads(loading):
 def test_kv_cache_memory_sizes_the_pool(loading):
     server, _ = loading
     assert server.metrics()["pagedinfer_kv_cache_total_blocks"] == KV_BLOCKS
+
+
+def test_startup_phases_are_logged_and_exported(loading):
+    server, _ = loading
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    phases = {}
+    for line in text.splitlines():
+        if line.startswith("pagedinfer_startup_seconds{"):
+            phases[line.split('phase="')[1].split('"')[0]] = float(line.split()[-1])
+    for phase in ("frontend_imports", "core_spawn_imports", "config", "tokenizer", "cpu_kernels", "weights",
+                  "kv_cache", "warmup", "frontend_tokenizer", "total"):
+        assert phases.get(phase, -1) >= 0, (phase, phases)
+    # Sequential on the core's side, so their sum fits in the whole; the
+    # interpreter and torch dominate, and they take real time.
+    core = ("core_spawn_imports", "config", "tokenizer", "cpu_kernels", "weights", "kv_cache", "warmup")
+    assert phases["core_spawn_imports"] > 0.2 and sum(phases[p] for p in core) < phases["total"]
+    line = next(line for line in server.log_tail(100_000).splitlines() if " start-up " in line)
+    assert f"start-up {phases['total']:.2f} s: frontend_imports" in line and "GB/s" in line, line
+
+
+def test_the_front_end_imports_no_torch():
+    """The HTTP process never holds a tensor, and start-up should not pay for torch twice."""
+    code = ("import sys, server.api_server, server.cli; "
+            "print(sorted(m for m in ('torch', 'xgrammar', 'numpy') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]", found
 
 
 def chat_and_complete(server, marker: str) -> None:

@@ -51,10 +51,12 @@ def load_model(
     """The model of `hf_config` with the folder's weights, or random ones with `dummy_weights`."""
     cls = model_class(hf_config)
     # Build on the meta device and materialize once in the target dtype: random
-    # init of a multi-GB model would cost more than loading it.
+    # init of a multi-GB model would cost more than loading it, and converting
+    # materialized (uninitialized) float32 tensors to bfloat16 took 1 s of a
+    # 135M model's start-up on the CPU. On meta, the dtype change is free.
     with torch.device("meta"):
         model = cls(hf_config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     model.rotary = type(model.rotary)(hf_config, model.head_dim).to(device)  # buffers, not weights
     if dummy_weights:
         init_dummy_weights(model)
