@@ -24,7 +24,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the console tests' browser and server helpers
 
-from console_tools import start_chromium, wait_for  # noqa: E402
+from console_tools import save_screenshot, start_chromium, wait_for  # noqa: E402
 from server_fixtures import start_server  # noqa: E402
 
 SERVER_ARGS = ("--max-model-len", "1024", "--num-kv-blocks", "384", "--max-num-seqs", "48")
@@ -65,9 +65,7 @@ def main() -> None:
         in_use = "return document.querySelectorAll('#kv-grid .cell[data-state=used], #kv-grid .cell[data-state=shared]').length"
         wait_for(lambda: browser.execute_script(in_use) >= 150, 300, "a busy block map", interval=0.2)
         time.sleep(2)  # let the charts take the load in
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(args.out))
-        print(f"saved {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+        save_screenshot(browser, args.out)
     finally:
         browser.quit()
         server.stop()

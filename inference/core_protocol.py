@@ -132,6 +132,10 @@ class SampleOutput:
     stop_reason: int | None = None  # the stop token id, if one ended it
     logprobs: LogprobEntry | None = None  # of the new token, when asked for
     prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # (first position, entries) of this chunk
+    # The sample's totals so far (see `Request`), for the request's trace span.
+    num_preemptions: int = 0
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
 
 
 @dataclass(slots=True)

@@ -235,6 +235,7 @@ class EngineCore:
         outputs = self._admit_compiled()
         sched = self.scheduler.schedule()
         scheduled_at = time.monotonic()  # queue time ends here, before the forward pass
+        prefilling = [request.is_prefilling for request, _ in sched.scheduled]  # before update moves them on
         try:
             result = self.runner.execute(sched)
         except Exception as exc:
@@ -246,7 +247,11 @@ class EngineCore:
         sampled = dict(zip(result.request_ids, result.sampled.token_ids))
         logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
         progressed = {r.request_id for r in self.scheduler.update(sched, sampled)}
-        for request, _ in sched.scheduled:
+        for (request, _), is_prefill in zip(sched.scheduled, prefilling):
+            if is_prefill:
+                request.prefill_time += now - scheduled_at
+            else:
+                request.decode_time += now - scheduled_at
             rid = request.request_id
             token_id = sampled.get(rid) if rid in progressed else None  # a token the grammar refused is dropped
             status = request.status
@@ -257,6 +262,9 @@ class EngineCore:
                 stop_reason=request.stop_reason if status.finished else None,
                 logprobs=logprobs.get(rid),
                 prompt_logprobs=result.prompt_logprobs.get(rid),
+                num_preemptions=request.num_preemptions,
+                prefill_time=request.prefill_time,
+                decode_time=request.decode_time,
             ))
         compiles, self.grammar_compiles = self.grammar_compiles, []
         self._publish_kv_events()

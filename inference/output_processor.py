@@ -102,6 +102,9 @@ class OutputProcessor:
             if out.prompt_logprobs is not None:
                 self._process_prompt_logprobs(state, *out.prompt_logprobs)
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            metrics.num_preemptions = max(metrics.num_preemptions, out.num_preemptions)
+            metrics.prefill_time = max(metrics.prefill_time, out.prefill_time)
+            metrics.decode_time = max(metrics.decode_time, out.decode_time)
             if out.new_token_ids:
                 touched[out.request_id] = None
                 if metrics.first_token_time is None:

@@ -37,6 +37,12 @@ class RequestMetrics:
     finished_time: float | None = None
     structured_kind: str | None = None  # the grammar's kind (json, regex, ...) for structured output
     grammar_compile_time: float | None = None  # seconds, on the request whose grammar was compiled for it
+    # Measured by the engine core, the largest over the request's samples
+    # (they run in the same passes): preemptions, and seconds of forward
+    # passes while prefilling and while decoding.
+    num_preemptions: int = 0
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
 
 
 @dataclass(slots=True)

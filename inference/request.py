@@ -42,6 +42,11 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # Seconds of the forward passes that ran this sample, split by phase: a
+    # pass that still computes its prompt (or recomputes it after a
+    # preemption) is prefill, one that extends a sampled output is decode.
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     stop_reason: int | None = None
     # n > 1: the leader prefills the shared prompt once, then the scheduler
@@ -70,6 +75,11 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Whether its next pass computes prompt tokens rather than decoding one token."""
+        return self.num_output_tokens == 0 or self.num_computed_tokens < self.num_tokens - 1
 
     @property
     def num_tokens_target(self) -> int:

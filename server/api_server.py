@@ -29,6 +29,7 @@ from inference.async_engine import SpawnedCore
 from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.state import ServerSettings, ServerState
+from server.tracing_config import tracing_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         enable_console=not args.disable_console,
         model=_tokenizer_folder(args),
         started_at=process_started_at(),
+        tracing=tracing_endpoint(args.otlp_traces_endpoint) is not None,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

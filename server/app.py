@@ -81,6 +81,11 @@ def create_app(settings: ServerSettings, core: SpawnedCore | Callable[[], Engine
     imports_s = time.time() - settings.started_at  # the server stack's imports, flags and checks
     state = ServerState(settings)
     metrics = EngineMetrics(state)
+    if settings.tracing:
+        from server.tracing import RequestTracer  # only now: tracing off loads no OpenTelemetry SDK
+
+        state.tracer = RequestTracer(settings.otlp_traces_endpoint, settings.served_model_name, metrics.trace_ids)
+        metrics.registry.register(state.tracer)
     console_stats = StatsHistory(metrics)
 
     @asynccontextmanager
@@ -95,6 +100,8 @@ def create_app(settings: ServerSettings, core: SpawnedCore | Callable[[], Engine
             sampling.cancel()
         await state.engine.shutdown()
         state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if state.tracer is not None:
+            await asyncio.to_thread(state.tracer.shutdown)  # the last spans, without blocking the loop
 
     app = FastAPI(
         title="pagedinfer",

@@ -3,7 +3,8 @@
 A bad flag stops the command before anything loads, with exit code 2 (as
 argparse does): argparse's own checks print the usage too; the checks of
 `check_args` (the JSON of --kv-events-config, the hash algorithm, whether
-the event endpoints can be bound) print one line saying what is wrong.
+the event endpoints can be bound, the OTLP traces endpoint and protocol)
+print one line saying what is wrong.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.prefix_caching_hash_algo not in HASH_ALGOS:
         return (f"argument --prefix-caching-hash-algo: unknown algorithm {args.prefix_caching_hash_algo!r} "
                 f"(choose from {', '.join(HASH_ALGOS)})")
+    from server.tracing_config import check_tracing, tracing_endpoint
+
+    endpoint = tracing_endpoint(getattr(args, "otlp_traces_endpoint", None))  # a serve flag only
+    if endpoint is not None:
+        problem = check_tracing(endpoint)
+        if problem is not None:
+            return f"argument --otlp-traces-endpoint: {problem}"
     try:
         config = _kv_events_config(args)
     except ValueError as exc:
@@ -231,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-events-config", default=None, metavar="JSON",
         help='publish KV-cache events for routers, vLLM\'s JSON: {"enable_kv_cache_events": true, '
              '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv@pod@model"}',
+    )
+    serve.add_argument(
+        "--otlp-traces-endpoint", default=None, metavar="URL",
+        help="export a trace span per request over OTLP to this collector (grpc by default: "
+             "http://collector:4317; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf: http://collector:4318); "
+             "the standard OTEL_* variables apply",
     )
     serve.set_defaults(func=_serve)
     return parser

@@ -48,9 +48,13 @@ class APIError(Exception):
         self.headers = headers
 
 
+def error_type(status_code: int) -> str:
+    """OpenAI's error type for a status code."""
+    return ERROR_TYPES.get(status_code, "invalid_request_error" if status_code < 500 else "server_error")
+
+
 def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    error_type = ERROR_TYPES.get(status_code, "invalid_request_error" if status_code < 500 else "server_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": message, "type": error_type(status_code), "param": param, "code": code}}
 
 
 def error_response(

@@ -37,14 +37,15 @@ What counts as what:
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from server.histogram import Histogram
 
 if TYPE_CHECKING:
     from inference.engine import EngineStats
@@ -108,34 +109,6 @@ HISTOGRAMS = {
 }
 
 
-class Histogram:
-    """Bucket counts and sum; `observe(value, count)` adds `count` equal
-    observations in O(log buckets), so a step costs one call per request."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Iterable[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float, count: int = 1) -> None:
-        value = max(value, 0.0)
-        self.counts[bisect_left(self.bounds, value)] += count  # le is inclusive
-        self.sum += value * count
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets, total = [], 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
-            total += count
-            buckets.append((floatToGoString(bound), total))
-        return buckets
-
-
 class EngineMetrics(Collector):
     """Engine metrics of one server, in their own CollectorRegistry."""
 
@@ -150,6 +123,7 @@ class EngineMetrics(Collector):
         self._histograms = {key: Histogram(spec[3]) for key, spec in HISTOGRAMS.items()}
         # request id -> time of its last step with new tokens
         self._last_token_time: dict[str, float] = {}
+        self.trace_ids: dict[str, str] = {}  # engine request id -> trace id, while traced requests run
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -159,28 +133,30 @@ class EngineMetrics(Collector):
         """Account one engine step."""
         hist = self._histograms
         counters = self._counters
+        trace_ids = self.trace_ids
         for output in outputs:
             times = output.metrics
             num_new = sum(output.new_token_counts)
+            trace_id = trace_ids.get(output.request_id) if trace_ids else None
             if num_new and times is not None:
                 now = times.last_token_time
                 previous = self._last_token_time.get(output.request_id)
                 if previous is None:  # the request's first tokens
-                    hist["ttft"].observe(times.first_token_time - times.arrival_time)
+                    hist["ttft"].observe(times.first_token_time - times.arrival_time, trace_id=trace_id)
                     counters["prompt_tokens"] += len(output.prompt_token_ids)
                     previous = times.first_token_time
                 # a completion's first token has no gap before it
                 num_firsts = sum(1 for c, k in zip(output.outputs, output.new_token_counts)
                                  if k and len(c.token_ids) == k)
                 if num_new > num_firsts:
-                    hist["itl"].observe(now - previous, num_new - num_firsts)
+                    hist["itl"].observe(now - previous, num_new - num_firsts, trace_id=trace_id)
                 counters["generation_tokens"] += num_new
                 self._last_token_time[output.request_id] = now
             if output.finished:
                 self._last_token_time.pop(output.request_id, None)
                 if times is not None:
                     if times.finished_time is not None:
-                        hist["e2e"].observe(times.finished_time - times.arrival_time)
+                        hist["e2e"].observe(times.finished_time - times.arrival_time, trace_id=trace_id)
                     if times.first_scheduled_time is not None:
                         hist["queue"].observe(times.first_scheduled_time - times.arrival_time)
                     if times.structured_kind is not None:
@@ -290,6 +266,9 @@ class EngineMetrics(Collector):
         yield family
 
 
-def render(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """The registry in Prometheus text format, with its content type."""
+def render(registry: CollectorRegistry, openmetrics: bool = False) -> tuple[bytes, str]:
+    """The registry in Prometheus text format, or OpenMetrics (the one with
+    exemplars), with its content type."""
+    if openmetrics:
+        return openmetrics_exposition.generate_latest(registry), openmetrics_exposition.CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST

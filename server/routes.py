@@ -68,9 +68,11 @@ async def version() -> dict[str, str]:
     return {"version": importlib.metadata.version("pagedinfer")}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics; OpenMetrics with trace exemplars when asked for and tracing is on")
 async def metrics(request: Request) -> Response:
-    body, content_type = render(request.app.state.metrics_registry)
+    openmetrics = (_state(request).tracer is not None
+                   and "application/openmetrics-text" in request.headers.get("accept", ""))
+    body, content_type = render(request.app.state.metrics_registry, openmetrics)
     return Response(body, media_type=content_type)
 
 
@@ -96,13 +98,19 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/completions", response_model=CompletionResponse,
              summary="Text completion; with stream=true, server-sent events of the same shape")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await create_completion(_state(request), body, request)
+    state = _state(request)
+    if state.tracer is None:
+        return await create_completion(state, body, request)
+    return await state.tracer.serve(request, lambda span: create_completion(state, body, request, span))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              summary="Chat completion; with stream=true, server-sent chat.completion.chunk events")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await create_chat_completion(_state(request), body, request)
+    state = _state(request)
+    if state.tracer is None:
+        return await create_chat_completion(state, body, request)
+    return await state.tracer.serve(request, lambda span: create_chat_completion(state, body, request, span))
 
 
 @router.post("/v1/completions/render", response_model=list[RenderedRequest],

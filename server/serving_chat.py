@@ -35,6 +35,7 @@ from server.protocol import (
 )
 from server.protocol_structured import NamedToolChoice, ToolDefinition
 from server.serving_common import (
+    Trace,
     StreamTracker,
     add_requests,
     admit,
@@ -111,7 +112,8 @@ async def prepare_chat(state: ServerState, request: ChatCompletionRequest) -> Ch
     return ChatPrompt(text, token_ids, params, tool_choice, tools)
 
 
-async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> Response:
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, raw_request: Request,
+                                 trace: Trace | None = None) -> Response:
     arrival_time = time.monotonic()
     engine = admit(state, request.model)
     prompt = await prepare_chat(state, request)
@@ -125,7 +127,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         return ToolReply(tool_choice, parser) if tools else None
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_requests(engine, request_id, [(prompt.token_ids, prompt.params)], request, arrival_time)
+    streams = await add_requests(engine, request_id, [(prompt.token_ids, prompt.params)], request, arrival_time, trace)
     created = int(time.time())
     model = state.settings.served_model_name
     if request.stream:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from fastapi import Request
@@ -36,6 +36,14 @@ T = TypeVar("T")
 KNOWN_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"prompt", "logit_bias"}
 SSE_DONE = b"data: [DONE]\n\n"
 _json = msgspec.json.Encoder()
+
+
+class Trace(Protocol):
+    """What the serving code tells a request's trace span (server/request_span.py)."""
+
+    def added(self, request_id: str, engine_request_ids: list[str], params: SamplingParams) -> None: ...
+
+    def wrap(self, index: int, stream: RequestStream) -> RequestStream: ...
 
 
 def admit(state: ServerState, model: str | None) -> AsyncLLM:
@@ -112,15 +120,21 @@ async def add_requests(
     prompts: list[tuple[list[int], SamplingParams]],
     request: SamplingRequest,
     arrival_time: float,
+    trace: Trace | None = None,
 ) -> list[RequestStream]:
-    """Hand every prompt to the engine; all or none are added."""
+    """Hand every prompt to the engine; all or none are added. With a
+    trace, the streams pass their outputs through its span."""
+    engine_request_ids = [f"{request_id}-{index}" for index in range(len(prompts))]
+    if trace is not None:  # before the adds: the first step's metrics look for the trace id
+        trace.added(request_id, engine_request_ids, prompts[0][1])
     streams: list[RequestStream] = []
     try:
-        for index, (token_ids, params) in enumerate(prompts):
-            streams.append(await engine.add_request(
-                f"{request_id}-{index}", token_ids, params,
+        for engine_request_id, (token_ids, params) in zip(engine_request_ids, prompts):
+            stream = await engine.add_request(
+                engine_request_id, token_ids, params,
                 priority=request.priority, arrival_time=arrival_time, cache_salt=request.cache_salt,
-            ))
+            )
+            streams.append(stream if trace is None else trace.wrap(len(streams), stream))
     except BaseException as exc:
         for stream in streams:
             stream.abort()

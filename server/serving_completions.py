@@ -23,6 +23,7 @@ from server.protocol import (
     CompletionResponse,
 )
 from server.serving_common import (
+    Trace,
     StreamTracker,
     add_requests,
     admit,
@@ -124,14 +125,15 @@ async def prepare_completion(
     return prompts, engine_inputs
 
 
-async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request) -> Response:
+async def create_completion(state: ServerState, request: CompletionRequest, raw_request: Request,
+                            trace: Trace | None = None) -> Response:
     arrival_time = time.monotonic()
     engine = admit(state, request.model)
     prompts, engine_inputs = await prepare_completion(state, request)
     if state.settings.log_prompts:
         logger.info("completion prompts: %r", [p.text for p in prompts])
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await add_requests(engine, request_id, engine_inputs, request, arrival_time)
+    streams = await add_requests(engine, request_id, engine_inputs, request, arrival_time, trace)
     created = int(time.time())
     model = state.settings.served_model_name
     if request.stream:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from inference.async_engine import AsyncLLM
+    from server.tracing import RequestTracer
     from inference.startup_phases import StartupPhases
 
 T = TypeVar("T")
@@ -30,6 +31,8 @@ class ServerSettings:
     log_prompts: bool = False
     metrics_compat: str = "none"  # "vllm": also export vLLM's metric names
     enable_console: bool = True  # the web console at / and its /debug/* data
+    tracing: bool = False  # a trace span per completion request (server/tracing.py)
+    otlp_traces_endpoint: str | None = None  # the flag's URL; None lets the SDK read OTEL_* variables
     model: str | None = None  # the model folder when known before the core loads it (its tokenizer loads meanwhile)
     started_at: float = field(default_factory=time.time)  # when `serve` started, for the start-up phases
 
@@ -45,6 +48,7 @@ class ServerState:
     max_model_len: int = 0
     vocab_size: int = 0  # token ids the tokenizer knows: [0, vocab_size)
     draining: bool = False
+    tracer: RequestTracer | None = None  # with tracing on
     startup: StartupPhases | None = None  # the start-up's phases, front end and core, once ready
     startup_total_s: float = 0.0  # from `serve` to ready
     started: int = field(default_factory=lambda: int(time.time()))

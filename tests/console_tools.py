@@ -13,6 +13,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -51,6 +52,13 @@ def start_chromium() -> webdriver.Chrome:
                      f"--window-size={WINDOW_SIZE[0]},{WINDOW_SIZE[1]}"):
         options.add_argument(argument)
     return webdriver.Chrome(options=options, service=Service(executable_path=paths["chromedriver"]))
+
+
+def save_screenshot(browser: webdriver.Chrome, path: Path) -> None:
+    """The browser's window as a PNG at `path` (folders made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(path))
+    print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:

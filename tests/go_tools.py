@@ -32,7 +32,7 @@ CACHE_DIR = Path(os.environ.get("PAGEDINFER_GO_TOOLS_CACHE",
                                 Path.home() / ".cache" / "pagedinfer" / "go-tools"))
 BUILD_TIMEOUT_S = 1800
 # Each peer: its module under tests/tools/ -> the package to build there.
-PEERS = {"kvindexer": "."}
+PEERS = {"kvindexer": ".", "jaeger": "github.com/jaegertracing/jaeger/cmd/jaeger"}
 
 
 def _go_binary() -> str:

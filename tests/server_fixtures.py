@@ -85,6 +85,17 @@ class ServerProcess:
                 self.process.wait()
 
 
+def terminate(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM a peer process (Prometheus, Jaeger), SIGKILL if it lingers past `timeout` s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

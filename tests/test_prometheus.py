@@ -24,7 +24,7 @@ import yaml
 from k8s_queries import adapter_config, adapter_queries, scaling_queries
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_tools import require
-from server_fixtures import free_port, start_server
+from server_fixtures import free_port, start_server, terminate
 
 pytestmark = pytest.mark.slow
 
@@ -109,13 +109,7 @@ class Prometheus:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
 
 class Load:
