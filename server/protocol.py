@@ -11,13 +11,16 @@ out when unset (`_omitted`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from inference.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from server.protocol_base import Text, _omitted, _Request
 from server.protocol_structured import StructuredFields, ToolCall, ToolFields
+
+if TYPE_CHECKING:
+    from inference.outputs import RequestOutput
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16  # samples per prompt: n multiplies engine work, so it is bounded
@@ -175,6 +178,18 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = _omitted()
+
+    @classmethod
+    def of(cls, outputs: list[RequestOutput]) -> Usage:
+        """The usage of a request's final outputs (one per engine request)."""
+        num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
+        num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return cls(
+            prompt_tokens=num_prompt,
+            completion_tokens=num_completion,
+            total_tokens=num_prompt + num_completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs)),
+        )
 
 
 class CompletionLogprobs(BaseModel):

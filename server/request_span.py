@@ -29,7 +29,7 @@ from inference.outputs import RequestOutput
 from inference.request_stream import EngineDeadError, RequestFailedError, RequestStream
 from inference.sampling_params import SamplingParams
 from server.errors import error_type
-from server.serving_common import usage
+from server.protocol import Usage
 
 CLIENT_CLOSED = 499  # the status the server gives a request whose client went away
 
@@ -118,7 +118,7 @@ class RequestSpan:
         outputs = [self.latest[i] for i in sorted(self.latest)]
         if not outputs:
             return attributes
-        counts = usage(outputs)
+        counts = Usage.of(outputs)
         attributes.update({
             "gen_ai.usage.prompt_tokens": counts.prompt_tokens,
             "gen_ai.usage.completion_tokens": counts.completion_tokens,

@@ -32,6 +32,7 @@ from server.protocol import (
     ChoiceLogprobs,
     TokenLogprob,
     TopLogprob,
+    Usage,
 )
 from server.protocol_structured import NamedToolChoice, ToolDefinition
 from server.serving_common import (
@@ -46,7 +47,6 @@ from server.serving_common import (
     sse,
     stop_reason,
     until_disconnected,
-    usage,
 )
 from server.state import ServerState
 from server.structured import effective_tool_choice, structured_outputs
@@ -151,7 +151,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
             **stop_reason(sample),
         ))
     response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=usage([final]))
+                                      usage=Usage.of([final]))
     return Response(response.model_dump_json(), media_type="application/json")
 
 

@@ -25,7 +25,7 @@ from inference.request_stream import EngineDeadError, RequestFailedError, Reques
 from inference.outputs import CompletionOutput, RequestOutput
 from inference.sampling_params import SamplingParams, StructuredOutputsParams
 from server.errors import APIError, bad_request, error_body
-from server.protocol import PromptTokensDetails, SamplingRequest, Usage
+from server.protocol import SamplingRequest, Usage
 from server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -254,18 +254,7 @@ class StreamTracker:
         return deltas
 
     def usage(self) -> Usage:
-        return usage([self.finals[i] for i in sorted(self.finals)])
-
-
-def usage(outputs: list[RequestOutput]) -> Usage:
-    num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return Usage(
-        prompt_tokens=num_prompt,
-        completion_tokens=num_completion,
-        total_tokens=num_prompt + num_completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs)),
-    )
+        return Usage.of([self.finals[i] for i in sorted(self.finals)])
 
 
 async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

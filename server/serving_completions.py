@@ -21,6 +21,7 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    Usage,
 )
 from server.serving_common import (
     Trace,
@@ -34,7 +35,6 @@ from server.serving_common import (
     sse,
     stop_reason,
     until_disconnected,
-    usage,
 )
 from server.state import ServerState
 from server.structured import structured_outputs
@@ -151,7 +151,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
                 finish_reason=finish_reason(sample),
                 **stop_reason(sample),
             ))
-    response = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage(finals))
+    response = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=Usage.of(finals))
     return Response(response.model_dump_json(), media_type="application/json")
 
 
