@@ -90,6 +90,7 @@ class AddRequest:
     arrival_time: float  # time.monotonic(), one clock for both processes on Linux
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # a registered LoRA adapter; None: the base model
 
 
 @dataclass(slots=True)

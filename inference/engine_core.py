@@ -75,6 +75,9 @@ class EngineCore:
             record_events=config.kv_events is not None,
         )
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        if config.lora is not None:
+            for module in config.lora.modules:
+                self.add_lora(module.name, module.path)
         self.kv_events = None
         if config.kv_events is not None:
             # Imported only when asked for: the offline engine needs neither ZeroMQ nor msgspec.
@@ -98,6 +101,8 @@ class EngineCore:
         check_request(add.prompt_token_ids, params, self.config, self.vocab_size)
         if add.request_id in self.scheduler.requests:
             raise ValueError(f"request id {add.request_id!r} is already in use")
+        if add.lora_name is not None and (self.runner.lora is None or add.lora_name not in self.runner.lora.registered):
+            raise ValueError(f"The model `{add.lora_name}` does not exist.")
 
         # A structured request waits for its grammar before it may queue.
         status = RequestStatus.WAITING if params.structured_outputs is None else RequestStatus.WAITING_FOR_GRAMMAR
@@ -105,7 +110,7 @@ class EngineCore:
         def sample(index: int) -> Request:
             return Request(
                 sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
-                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, status=status,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, add.lora_name, status=status,
             )
 
         leader = sample(0)
@@ -113,6 +118,24 @@ class EngineCore:
         if params.structured_outputs is not None:
             self.compiling[add.request_id] = self.structured_output.grammar(params.structured_outputs)
         self.scheduler.add_request(leader)
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Register a LoRA adapter (read and checked now: LoRAError if it cannot
+        be served, or the name is taken); its lora_id."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA is not enabled (start with enable_lora)")
+        return self.runner.lora.register(name, path).lora_id
+
+    def remove_lora(self, name: str) -> None:
+        """Forget a LoRA adapter: KeyError if unknown, LoRAInUseError while requests still use it."""
+        from inference.lora.residency import LoRAInUseError
+
+        if self.runner.lora is None or name not in self.runner.lora.registered:
+            raise KeyError(name)
+        num_using = sum(r.lora_name == name for r in self.scheduler.requests.values())
+        if num_using:
+            raise LoRAInUseError(f"The lora adapter '{name}' is still used by {num_using} request(s).")
+        self.runner.lora.unregister(name)
 
     def _admit_compiled(self) -> list[SampleOutput]:
         """Queue the requests whose grammar compiled; a failed compile ends

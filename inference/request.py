@@ -35,6 +35,7 @@ class Request:
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # the LoRA adapter it runs with; None: the base model
     # prompt followed by outputs; grows by one per sampled token
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
