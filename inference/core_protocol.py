@@ -114,7 +114,22 @@ class ResetPrefixCache:
     after it sees the empty cache (one socket, in order)."""
 
 
-CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV, ResetPrefixCache)
+@dataclass(slots=True)
+class LoadLoRAAdapter:
+    """Register a LoRA adapter folder; the core answers with a `LoRAAdapterReply`."""
+
+    lora_name: str
+    lora_path: str
+
+
+@dataclass(slots=True)
+class UnloadLoRAAdapter:
+    """Forget a LoRA adapter; the core answers with a `LoRAAdapterReply`."""
+
+    lora_name: str
+
+
+CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV, ResetPrefixCache, LoadLoRAAdapter, UnloadLoRAAdapter)
 
 
 # ---- core -> front end -------------------------------------------------------
@@ -182,4 +197,14 @@ class KVSnapshot:
     stats: EngineStats
 
 
-CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed, KVSnapshot)
+@dataclass(slots=True)
+class LoRAAdapterReply:
+    """How a load or unload went, as an HTTP status: 200 done, 400 the adapter
+    cannot be served (or the name is taken), 404 unknown name, 409 still in use."""
+
+    lora_name: str
+    status: int
+    message: str
+
+
+CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed, KVSnapshot, LoRAAdapterReply)

@@ -26,7 +26,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig
 from inference.core_protocol import (
-    AddRequest, EngineStats, KVSnapshot, SampleOutput, StepOutputs, check_request, sample_request_id,
+    AddRequest, EngineStats, KVSnapshot, LoadLoRAAdapter, LoRAAdapterReply, SampleOutput, StepOutputs,
+    UnloadLoRAAdapter, check_request, sample_request_id,
 )
 from inference.kv_snapshot import take_kv_snapshot
 from inference.model_runner import ModelRunner
@@ -136,6 +137,24 @@ class EngineCore:
         if num_using:
             raise LoRAInUseError(f"The lora adapter '{name}' is still used by {num_using} request(s).")
         self.runner.lora.unregister(name)
+
+    def change_lora(self, command: LoadLoRAAdapter | UnloadLoRAAdapter) -> LoRAAdapterReply:
+        """Apply a runtime load or unload; bad input is answered, never raised."""
+        from inference.lora.residency import LoRAInUseError
+
+        name = command.lora_name
+        try:
+            if isinstance(command, LoadLoRAAdapter):
+                self.add_lora(name, command.lora_path)
+                return LoRAAdapterReply(name, 200, f"Success: LoRA adapter '{name}' added successfully.")
+            self.remove_lora(name)
+            return LoRAAdapterReply(name, 200, f"Success: LoRA adapter '{name}' removed successfully.")
+        except KeyError:
+            return LoRAAdapterReply(name, 404, f"The lora adapter '{name}' cannot be found.")
+        except LoRAInUseError as exc:
+            return LoRAAdapterReply(name, 409, str(exc))
+        except ValueError as exc:
+            return LoRAAdapterReply(name, 400, str(exc))
 
     def _admit_compiled(self) -> list[SampleOutput]:
         """Queue the requests whose grammar compiled; a failed compile ends

@@ -27,6 +27,7 @@ from types import FrameType
 import uvicorn
 
 from server.app import create_app
+from server.lora_routes import runtime_updating_from_env
 from server.state import ServerSettings, ServerState
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
         enable_console=not args.disable_console,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating or runtime_updating_from_env(),
     )
 
 

@@ -29,6 +29,7 @@ class ServerSettings:
     log_prompts: bool = False
     metrics_compat: str = "none"  # "vllm": also export vLLM's metric names
     enable_console: bool = True  # the web console at / and its /debug/* data
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 @dataclass(slots=True)

@@ -7,8 +7,8 @@ import torch
 
 from inference import LLM, SamplingParams
 from inference.lora.config import LoRARequest
-from tests.conftest import build_tiny_model
-from tests.lora_fixtures import build_adapters, peft_greedy
+from conftest import build_tiny_model
+from lora_fixtures import build_adapters, peft_greedy
 
 MAX_TOKENS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
