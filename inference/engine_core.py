@@ -102,8 +102,11 @@ class EngineCore:
         check_request(add.prompt_token_ids, params, self.config, self.vocab_size)
         if add.request_id in self.scheduler.requests:
             raise ValueError(f"request id {add.request_id!r} is already in use")
-        if add.lora_name is not None and (self.runner.lora is None or add.lora_name not in self.runner.lora.registered):
-            raise ValueError(f"The model `{add.lora_name}` does not exist.")
+        lora_id = None
+        if add.lora_name is not None:
+            if self.runner.lora is None or add.lora_name not in self.runner.lora.registered:
+                raise ValueError(f"The model `{add.lora_name}` does not exist.")
+            lora_id = self.runner.lora.registered[add.lora_name].lora_id
 
         # A structured request waits for its grammar before it may queue.
         status = RequestStatus.WAITING if params.structured_outputs is None else RequestStatus.WAITING_FOR_GRAMMAR
@@ -111,7 +114,8 @@ class EngineCore:
         def sample(index: int) -> Request:
             return Request(
                 sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
-                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, add.lora_name, status=status,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, add.lora_name, lora_id,
+                status=status,
             )
 
         leader = sample(0)

@@ -311,7 +311,8 @@ class Scheduler:
                 request.cache_salt, request.block_hashes, request.lora_name,
             )
         self.block_manager.cache_blocks(
-            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt
+            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt,
+            request.lora_name, request.lora_id,
         )
 
     def _fork(self, leader: Request) -> None:

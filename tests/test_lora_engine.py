@@ -58,3 +58,40 @@ def test_adapter_outputs_differ_from_base_and_from_each_other_only_by_adapter(ba
         [alone] = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=lora)
         assert alone.outputs[0].token_ids == output.outputs[0].token_ids
     assert len({tuple(o.outputs[0].token_ids) for o in batched}) == 4
+
+
+def test_prefix_cache_is_per_adapter(base_and_adapters):
+    """Blocks are keyed by the adapter as vLLM keys them: the same adapter
+    reuses a prompt's blocks, another adapter or the base model never does."""
+    from inference.block_hashing import sha256_cbor
+
+    base, adapters = base_and_adapters
+    llm = LLM(model=str(base), dtype="float32", enable_lora=True, max_loras=2, num_kv_blocks=64, block_size=16)
+    sql, chat = (LoRARequest(n, 0, str(adapters[n])) for n in ("sql", "chat"))
+    prompt = list(range(100, 150))  # three full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def cached(lora) -> int:
+        [out] = llm.generate([prompt], params, use_tqdm=False, lora_request=lora)
+        return out.num_cached_tokens
+
+    assert cached(sql) == 0
+    assert cached(sql) == 48
+    assert cached(chat) == 0
+    assert cached(None) == 0
+    assert cached(chat) == 48
+    core = llm.engine.core
+    first = sha256_cbor((core.scheduler.hasher.none_hash, tuple(prompt[:16]), ("sql",)))
+    second = sha256_cbor((first, tuple(prompt[16:32]), ("sql",)))
+    assert first in core.block_manager.cached and second in core.block_manager.cached
+
+
+def test_kv_events_name_the_adapter():
+    from inference.kv_cache_events import BlocksStored
+    from inference.kv_events_wire import to_wire
+
+    event = to_wire(BlocksStored([b"\1" * 32, b"\2" * 32], None, list(range(32)), 0, "salt", "sql", 3), 16)
+    assert (event.lora_name, event.lora_id) == ("sql", 3)
+    assert event.extra_keys == [("sql", "salt"), ("sql",)]
+    base = to_wire(BlocksStored([b"\1" * 32], None, list(range(16)), 0, None), 16)
+    assert (base.lora_name, base.lora_id, base.extra_keys) == (None, None, None)
