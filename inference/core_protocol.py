@@ -41,6 +41,9 @@ class EngineStats:
     # that rank allocated on CUDA; one entry without tensor parallelism.
     rank_memory_bytes: list[int] = field(default_factory=list)
     num_kv_events_dropped: int = 0  # KV-cache events the publisher's full queue refused
+    # LoRA adapter name -> its running / waiting requests (vLLM's iteration stats); empty without LoRA.
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

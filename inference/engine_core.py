@@ -63,6 +63,15 @@ def _eos_token_ids(folder: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def _count_loras(requests: list[Request]) -> dict[str, int]:
+    """Requests (samples included) per LoRA adapter, in first-seen order."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_name is not None:
+            counts[request.lora_name] = counts.get(request.lora_name, 0) + request.num_seats
+    return counts
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -267,6 +276,10 @@ class EngineCore:
             kv_cache_bytes=self.runner.kv_cache_bytes,
             rank_memory_bytes=self.runner.rank_memory_bytes,
             num_kv_events_dropped=self.kv_events.num_dropped_events if self.kv_events is not None else 0,
+            running_lora_adapters=_count_loras(self.scheduler.running),
+            waiting_lora_adapters=_count_loras(
+                [e.request for e in self.scheduler.waiting] + list(self.scheduler.waiting_for_grammar.values())
+            ),
         )
 
     def kv_snapshot(self) -> KVSnapshot:

@@ -4,6 +4,7 @@ by `model`, /v1/models parents, runtime load and unload, and the errors."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -132,3 +133,25 @@ def test_runtime_updates_need_the_key(setup):
     server = setup[3]
     response = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
     assert response.status_code == 401
+
+
+def test_lora_requests_info_metric(setup):
+    """vLLM's gauge: the newest label set names the running adapter, max_lora 2."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, client = setup[3], setup[4]
+    stream = client.completions.create(model="sql", prompt="a long one", max_tokens=95, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    for _ in stream:
+        pass
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["vllm:lora_requests_info"].samples
+    assert {tuple(sorted(s.labels)) for s in samples} == {("max_lora", "running_lora_adapters", "waiting_lora_adapters")}
+    newest = max(samples, key=lambda s: s.value)
+    assert newest.labels["max_lora"] == "2"
+    assert "sql" in newest.labels["running_lora_adapters"].split(",")
+    assert abs(newest.value - time.time()) < 60
+    running = {s.labels["lora_name"]: s.value for s in families["pagedinfer_lora_num_requests_running"].samples}
+    assert running.get("sql") == 1
