@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,6 +58,17 @@ class LoRABatch:
     @property
     def active(self) -> bool:
         return bool(self.segments)
+
+    def set(self, device_slots: torch.Tensor, host_slots: np.ndarray) -> None:
+        """This step's per-token slots: the device view, and its host copy to group tokens by slot."""
+        order = np.argsort(host_slots, kind="stable")
+        sorted_slots = host_slots[order]
+        first = int(np.searchsorted(sorted_slots, 1))  # base-model and padding tokens sort first
+        slots, starts = np.unique(sorted_slots[first:], return_index=True)
+        ends = np.append(starts[1:], len(sorted_slots) - first)
+        self.segments = [(int(s), int(a), int(b)) for s, a, b in zip(slots, starts, ends)]
+        self.perm = torch.from_numpy(order[first:].astype(np.int64)).to(device_slots.device)
+        self.token_slots = device_slots if self.segments else None
 
 
 class LoRALinear(nn.Module):

@@ -85,15 +85,7 @@ class LoRAResidency:
 
     def set_token_slots(self, device_slots: torch.Tensor, host_slots: np.ndarray) -> None:
         """Point the wrapped linears at this step's per-token slots (host copy: the CPU path's segments)."""
-        batch = self.batch
-        order = np.argsort(host_slots, kind="stable")
-        sorted_slots = host_slots[order]
-        first = int(np.searchsorted(sorted_slots, 1))  # base-model and padding tokens sort first
-        slots, starts = np.unique(sorted_slots[first:], return_index=True)
-        ends = np.append(starts[1:], len(sorted_slots) - first)
-        batch.segments = [(int(s), int(a), int(b)) for s, a, b in zip(slots, starts, ends)]
-        batch.perm = torch.from_numpy(order[first:].astype(np.int64)).to(device_slots.device)
-        batch.token_slots = device_slots if batch.segments else None
+        self.batch.set(device_slots, host_slots)
 
     def activate(self, names: set[str]) -> dict[str, int]:
         """name -> device slot for each adapter of the step, swapping in what is missing."""

@@ -1,0 +1,145 @@
+"""Triton LoRA shrink and expand, Punica's BGMV pattern: one adapter per token.
+
+    lora_shrink(x, lora_a, token_slots, out=None) -> out
+    lora_expand(y, lora_b, token_slots, out) -> None
+
+- `x` `[num_tokens, in_features]`; `lora_a` `[num_slots, width, in_features]`;
+  shrink writes `out[t] = lora_a[token_slots[t]] @ x[t]`, float32
+  `[num_tokens, width]`.
+- `y` float32 `[num_tokens, width]`; `lora_b` `[num_slots, out_features,
+  width]`; expand adds `lora_b[token_slots[t]] @ y[t]` to row t of `out`
+  `[num_tokens, out_features]` (the base layer's output, in its dtype).
+- `token_slots` int32 `[num_tokens]`: slot 0 means "no adapter". Its A and B
+  are zeros (the caller's invariant), and the kernels do not read them:
+  shrink writes zeros for such rows, expand leaves them untouched.
+
+Kernel invariants:
+- Shrink grid (num_tokens, cdiv(width, BLOCK_R)): each program reduces over
+  `in_features` in BLOCK_K chunks for BLOCK_R rows of A. Expand grid
+  (num_tokens, cdiv(out_features, BLOCK_N)) reduces over the width in
+  BLOCK_W chunks (at most 128 wide: a wider tile spills registers).
+- Products accumulate in float32; expand rounds once, at the store of
+  `out + delta`, as the reference does.
+- The grids depend on the shapes only, never on slot values, and the slots
+  are read on the device: a CUDA graph replays with new `token_slots`.
+- Slot and token offsets are int64: stacked adapters overflow int32 addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import check_float, check_index, check_last_dim_contiguous, check_rank, next_power_of_2
+
+_BLOCK_K = 128
+_BLOCK_N = 64
+_MAX_BLOCK_W = 128
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, slots_ptr, out_ptr,
+    width, in_features,
+    stride_x_tok, stride_a_slot, stride_a_row, stride_o_tok,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(slots_ptr + tok).to(tl.int64)
+    active = slot != 0
+    row_mask = (rows < width) & active
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < in_features
+        x = tl.load(x_ptr + tok * stride_x_tok + cols, mask=col_mask & active, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + slot * stride_a_slot + rows[:, None] * stride_a_row + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+    tl.store(out_ptr + tok * stride_o_tok + rows, acc, mask=rows < width)
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr, b_ptr, slots_ptr, out_ptr,
+    width, out_features,
+    stride_y_tok, stride_b_slot, stride_b_row, stride_o_tok,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slots_ptr + tok).to(tl.int64)
+    active = slot != 0
+    row_mask = (rows < out_features) & active
+    delta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for w0 in range(0, width, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        col_mask = cols < width
+        y = tl.load(y_ptr + tok * stride_y_tok + cols, mask=col_mask & active, other=0.0)
+        b = tl.load(b_ptr + slot * stride_b_slot + rows[:, None] * stride_b_row + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        delta += tl.sum(b * y[None, :], axis=1)
+    out_ptrs = out_ptr + tok * stride_o_tok + rows
+    base = tl.load(out_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (base + delta).to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _check_slots(token_slots: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    check_index("token_slots", token_slots, torch.int32, 1, device)
+    assert token_slots.shape[0] == num_tokens, f"token_slots has {token_slots.shape[0]} rows, expected {num_tokens}"
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = lora_a[token_slots[t]] @ x[t] in float32 (zeros where the slot is 0)."""
+    check_rank("x", x, 2)
+    check_rank("lora_a", lora_a, 3)
+    check_float("x", x)
+    assert lora_a.dtype == x.dtype, f"lora_a is {lora_a.dtype}, x is {x.dtype}"
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("lora_a", lora_a)
+    num_tokens, in_features = x.shape
+    width = lora_a.shape[1]
+    assert lora_a.shape[2] == in_features, f"lora_a is {tuple(lora_a.shape)}, x has {in_features} features"
+    _check_slots(token_slots, num_tokens, x.device)
+    if out is None:
+        out = torch.empty(num_tokens, width, dtype=torch.float32, device=x.device)
+    check_rank("out", out, 2)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (num_tokens, width), (
+        f"out must be float32 {(num_tokens, width)}, got {out.dtype} {tuple(out.shape)}")
+    check_last_dim_contiguous("out", out)
+    if num_tokens == 0 or width == 0:
+        return out
+    block_r = min(next_power_of_2(width), 64)
+    _lora_shrink_kernel[(num_tokens, triton.cdiv(width, block_r))](
+        x, lora_a, token_slots, out, width, in_features,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0),
+        BLOCK_R=block_r, BLOCK_K=_BLOCK_K,
+    )
+    return out
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] += lora_b[token_slots[t]] @ y[t] (rows with slot 0 untouched)."""
+    check_rank("y", y, 2)
+    check_rank("lora_b", lora_b, 3)
+    check_rank("out", out, 2)
+    assert y.dtype == torch.float32, f"y must be float32 (lora_shrink's output), got {y.dtype}"
+    check_float("lora_b", lora_b)
+    assert out.dtype == lora_b.dtype, f"out is {out.dtype}, lora_b is {lora_b.dtype}"
+    for name, tensor in (("y", y), ("lora_b", lora_b), ("out", out)):
+        check_last_dim_contiguous(name, tensor)
+    num_tokens, width = y.shape
+    out_features = lora_b.shape[1]
+    assert lora_b.shape[2] == width, f"lora_b is {tuple(lora_b.shape)}, y has width {width}"
+    assert tuple(out.shape) == (num_tokens, out_features), f"out is {tuple(out.shape)}, expected {(num_tokens, out_features)}"
+    _check_slots(token_slots, num_tokens, y.device)
+    if num_tokens == 0 or width == 0 or out_features == 0:
+        return
+    _lora_expand_kernel[(num_tokens, triton.cdiv(out_features, _BLOCK_N))](
+        y, lora_b, token_slots, out, width, out_features,
+        y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        BLOCK_N=_BLOCK_N, BLOCK_W=min(next_power_of_2(width), _MAX_BLOCK_W),
+    )
