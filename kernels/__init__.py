@@ -68,9 +68,10 @@ Multi-LoRA (`lora.py` states its layout and invariants):
     lora_expand(y, lora_b, token_slots, out) -> None (adds into out)
 
 - Stacked adapters `lora_a` `[num_slots, width, in]`, `lora_b` `[num_slots,
-  out, width]`; `token_slots` int32 `[num_tokens]`, slot 0 = no adapter. The
-  references gather each token's A and B and bmm; the engine's own CPU path
-  groups tokens by slot instead (`inference/lora/layers.py`).
+  width, out]` (B transposed); `token_slots` int32 `[num_tokens]`, slot 0 =
+  no adapter. The references gather each token's A and B and bmm; the
+  engine's own CPU path is a masked matmul pair over the slots in use
+  (`inference/lora/layers.py`).
 
 Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 `decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`

@@ -181,7 +181,7 @@ def _launch_lora_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
             x = torch.zeros(4, in_features, dtype=dtype)
             slots = torch.zeros(4, dtype=torch.int32)
             y = lora_mod.lora_shrink(x, torch.zeros(3, width, in_features, dtype=dtype), slots)
-            lora_mod.lora_expand(y, torch.zeros(3, out_features, width, dtype=dtype), slots,
+            lora_mod.lora_expand(y, torch.zeros(out_features, 3, width, dtype=dtype).permute(1, 2, 0), slots,
                                  torch.zeros(4, out_features, dtype=dtype))
 
 

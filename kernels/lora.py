@@ -6,9 +6,11 @@
 - `x` `[num_tokens, in_features]`; `lora_a` `[num_slots, width, in_features]`;
   shrink writes `out[t] = lora_a[token_slots[t]] @ x[t]`, float32
   `[num_tokens, width]`.
-- `y` float32 `[num_tokens, width]`; `lora_b` `[num_slots, out_features,
-  width]`; expand adds `lora_b[token_slots[t]] @ y[t]` to row t of `out`
-  `[num_tokens, out_features]` (the base layer's output, in its dtype).
+- `y` float32 `[num_tokens, width]`; `lora_b` `[num_slots, width,
+  out_features]` (B transposed), any strides (the engine passes a permuted
+  view of its `[out_features, num_slots, width]` store); expand
+  adds `y[t] @ lora_b[token_slots[t]]` to row t of `out` `[num_tokens,
+  out_features]` (the base layer's output, in its dtype).
 - `token_slots` int32 `[num_tokens]`: slot 0 means "no adapter". Its A and B
   are zeros (the caller's invariant), and the kernels do not read them:
   shrink writes zeros for such rows, expand leaves them untouched.
@@ -65,7 +67,7 @@ def _lora_shrink_kernel(
 def _lora_expand_kernel(
     y_ptr, b_ptr, slots_ptr, out_ptr,
     width, out_features,
-    stride_y_tok, stride_b_slot, stride_b_row, stride_o_tok,
+    stride_y_tok, stride_b_slot, stride_b_width, stride_b_out, stride_o_tok,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
@@ -78,7 +80,7 @@ def _lora_expand_kernel(
         cols = w0 + tl.arange(0, BLOCK_W)
         col_mask = cols < width
         y = tl.load(y_ptr + tok * stride_y_tok + cols, mask=col_mask & active, other=0.0)
-        b = tl.load(b_ptr + slot * stride_b_slot + rows[:, None] * stride_b_row + cols[None, :],
+        b = tl.load(b_ptr + slot * stride_b_slot + cols[None, :] * stride_b_width + rows[:, None] * stride_b_out,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
         delta += tl.sum(b * y[None, :], axis=1)
     out_ptrs = out_ptr + tok * stride_o_tok + rows
@@ -122,24 +124,24 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t] += lora_b[token_slots[t]] @ y[t] (rows with slot 0 untouched)."""
+    """out[t] += y[t] @ lora_b[token_slots[t]] (rows with slot 0 untouched)."""
     check_rank("y", y, 2)
     check_rank("lora_b", lora_b, 3)
     check_rank("out", out, 2)
     assert y.dtype == torch.float32, f"y must be float32 (lora_shrink's output), got {y.dtype}"
     check_float("lora_b", lora_b)
     assert out.dtype == lora_b.dtype, f"out is {out.dtype}, lora_b is {lora_b.dtype}"
-    for name, tensor in (("y", y), ("lora_b", lora_b), ("out", out)):
+    for name, tensor in (("y", y), ("out", out)):
         check_last_dim_contiguous(name, tensor)
     num_tokens, width = y.shape
-    out_features = lora_b.shape[1]
-    assert lora_b.shape[2] == width, f"lora_b is {tuple(lora_b.shape)}, y has width {width}"
+    out_features = lora_b.shape[2]
+    assert lora_b.shape[1] == width, f"lora_b is {tuple(lora_b.shape)}, y has width {width}"
     assert tuple(out.shape) == (num_tokens, out_features), f"out is {tuple(out.shape)}, expected {(num_tokens, out_features)}"
     _check_slots(token_slots, num_tokens, y.device)
     if num_tokens == 0 or width == 0 or out_features == 0:
         return
     _lora_expand_kernel[(num_tokens, triton.cdiv(out_features, _BLOCK_N))](
         y, lora_b, token_slots, out, width, out_features,
-        y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), out.stride(0),
         BLOCK_N=_BLOCK_N, BLOCK_W=min(next_power_of_2(width), _MAX_BLOCK_W),
     )

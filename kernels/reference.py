@@ -225,8 +225,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t] += its slot's B times y[t], rounded once; rows of slot 0 untouched."""
+    """out[t] += y[t] times its slot's B (stored transposed), rounded once; rows of slot 0 untouched."""
     rows = (token_slots != 0).nonzero()[:, 0]
-    b = lora_b.index_select(0, token_slots[rows].long()).float()  # [rows, out_features, width]
-    delta = torch.bmm(b, y[rows].float()[:, :, None])[:, :, 0]
+    b = lora_b.index_select(0, token_slots[rows].long()).float()  # [rows, width, out_features]
+    delta = torch.bmm(y[rows].float()[:, None, :], b)[:, 0, :]
     out[rows] = (out[rows].float() + delta).to(out.dtype)

@@ -51,12 +51,15 @@ def _inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int =
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, in_features, generator=gen).to(device, dtype)
     lora_a = torch.randn(num_slots, width, in_features, generator=gen).div(in_features**0.5).to(device, dtype)
-    lora_b = torch.randn(num_slots, out_features, width, generator=gen).div(width**0.5).to(device, dtype)
+    # Stored as the engine stores it, [out, slots, width], and passed as a [slots, width, out] view.
+    lora_b = torch.randn(out_features, num_slots, width, generator=gen).div(width**0.5).to(device, dtype)
+    lora_b = lora_b.permute(1, 2, 0)
     lora_a[0] = 0
     lora_b[0] = 0
     # Every slot, 0 (no adapter) included, mixed in batch order.
     slots = torch.randint(0, num_slots, (num_tokens,), generator=gen, dtype=torch.int32)
     slots[0] = 0 if num_tokens > 1 else num_slots - 1
+    slots[-1] = num_slots - 1  # at least one token has an adapter
     return x, lora_a, lora_b, slots.to(device)
 
 
@@ -119,16 +122,16 @@ def test_wrappers_check_their_inputs(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_segment_path_matches_reference(shape: tuple[int, ...]) -> None:
-    """The engine's CPU path (tokens grouped by slot, one matmul pair each) equals shrink + expand."""
-    from inference.lora.layers import LoRABatch, _add_segments
+def test_cpu_masked_path_matches_reference(shape: tuple[int, ...]) -> None:
+    """The engine's CPU path (a masked matmul pair over the slots in use) equals shrink + expand."""
+    from inference.lora.layers import LoRABatch, add_lora_masked
 
     x, lora_a, lora_b, slots = _inputs("cpu", torch.float32, shape, seed=1)
     batch = LoRABatch()
     batch.set(slots, slots.numpy())
-    assert batch.active == bool((slots != 0).any())
+    assert batch.token_slots is not None
     out = torch.randn(shape[0], shape[2])
     want = out.clone()
     reference.lora_expand(reference.lora_shrink(x, lora_a, slots), lora_b, slots, want)
-    _add_segments(x, lora_a, lora_b, batch, out)
+    add_lora_masked(x, lora_a, lora_b.permute(2, 0, 1), batch, out)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

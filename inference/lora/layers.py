@@ -4,12 +4,13 @@
 and down_proj by a `LoRALinear` around it (after the weights are loaded, so
 checkpoint names are untouched). Each holds, for every slot,
 
-    lora_a [num_slots, num_parts * max_rank, in_features]
-    lora_b [num_slots, out_features, num_parts * max_rank]
+    lora_a [num_slots, width, in_features]    (A, as PEFT stores it)
+    lora_b [num_slots, width, out_features]   (B transposed: a view of
+                                               `lora_b_t` [out_features, num_slots, width])
 
-where a fused linear's parts (q, k, v or gate, up) each own `max_rank`
-columns: part p's A rows are p*max_rank.., its B is block-diagonal (its own
-output rows read only its own columns). A smaller rank is zero-padded, so
+with width = num_parts * max_rank: a fused linear's parts (q, k, v or gate,
+up) each own `max_rank` rows: part p's A rows are p*max_rank.., and its B is
+block-diagonal (its own output columns read only its own rows). A smaller rank is zero-padded, so
 ranks mix freely in one batch. The scaling is folded into B at load. Slot 0
 stays all zeros: "no adapter".
 
@@ -19,9 +20,16 @@ the delta joins the partial sum before the all-reduce.
 
 `LoRABatch` says which slot each token reads this step. The runner sets it
 before the forward: `token_slots` is a view of the persistent step buffer
-(what the Triton kernels read, so a captured graph replays with new slots);
-on the CPU the delta is computed per slot over the tokens of that slot
-(`perm` grouped into `segments`), one matmul pair per adapter.
+(what the Triton kernels read, so a captured graph replays with new slots).
+On the CPU, where each small torch op costs more than its arithmetic, the
+delta is four ops whatever the adapter mix: every token times the A of
+every slot (one `F.linear` over all slots' rows, `lora_a` viewed as
+[num_slots * width, in]), zeroed where the slot is not the token's (a 0/1
+mask made once per step and width), one `F.linear` with all slots' B
+(`lora_b_t` viewed as [out, num_slots * width]), added to the output; both
+matmuls run on packed copies like the base weights (`kernels/cpu_linear.py`),
+re-packed whenever a slot changes. Unused slots cost arithmetic, not ops;
+slots are few (`max_loras + 1`).
 """
 
 from __future__ import annotations
@@ -49,26 +57,24 @@ FUSED_PARTS = {
 
 @dataclass(slots=True)
 class LoRABatch:
-    """The adapter slot of each token in this step; empty when no token uses one."""
+    """The adapter slot of each token in this step; `token_slots` None when no token uses one."""
 
-    token_slots: torch.Tensor | None = None  # int32 [num_padded_tokens], 0 = none (CUDA path)
-    perm: torch.Tensor | None = None  # int64 rows that use an adapter, grouped by slot (CPU path)
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, end) in perm
+    token_slots: torch.Tensor | None = None  # int32 [num_padded_tokens], 0 = none
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # CPU path, per step
 
-    @property
-    def active(self) -> bool:
-        return bool(self.segments)
+    def set(self, token_slots: torch.Tensor, host_slots: np.ndarray) -> None:
+        """This step's per-token slots (device view) and their host copy."""
+        self.token_slots = token_slots if host_slots.any() else None
+        self.masks = {}
 
-    def set(self, device_slots: torch.Tensor, host_slots: np.ndarray) -> None:
-        """This step's per-token slots: the device view, and its host copy to group tokens by slot."""
-        order = np.argsort(host_slots, kind="stable")
-        sorted_slots = host_slots[order]
-        first = int(np.searchsorted(sorted_slots, 1))  # base-model and padding tokens sort first
-        slots, starts = np.unique(sorted_slots[first:], return_index=True)
-        ends = np.append(starts[1:], len(sorted_slots) - first)
-        self.segments = [(int(s), int(a), int(b)) for s, a, b in zip(slots, starts, ends)]
-        self.perm = torch.from_numpy(order[first:].astype(np.int64)).to(device_slots.device)
-        self.token_slots = device_slots if self.segments else None
+    def mask(self, num_slots: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, num_slots * width]: 1 in the column block of the token's slot, else 0."""
+        mask = self.masks.get((num_slots, width))
+        if mask is None:
+            slots = torch.arange(num_slots, device=self.token_slots.device)
+            one_hot = (self.token_slots[:, None] == slots[None, :]).to(dtype)
+            mask = self.masks[(num_slots, width)] = one_hot.repeat_interleave(width, dim=1)
+        return mask
 
 
 class LoRALinear(nn.Module):
@@ -85,8 +91,17 @@ class LoRALinear(nn.Module):
         weight = base.weight
         self.register_buffer("lora_a", torch.zeros(num_slots, width, base.in_features, dtype=weight.dtype,
                                                    device=weight.device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, base.out_features, width, dtype=weight.dtype,
-                                                   device=weight.device), persistent=False)
+        self.register_buffer("lora_b_t", torch.zeros(base.out_features, num_slots, width, dtype=weight.dtype,
+                                                     device=weight.device), persistent=False)
+
+        # The CPU kernel's packed copies of the two views add_lora_masked multiplies by.
+        self.packed_a: torch.Tensor | None = None
+        self.packed_b: torch.Tensor | None = None
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        """[num_slots, width, out_features], a strided view."""
+        return self.lora_b_t.permute(1, 2, 0)
 
     def _out_parts(self) -> list[tuple[int, int, int]]:
         """(first local output row, rows, first checkpoint row) of each part."""
@@ -102,9 +117,14 @@ class LoRALinear(nn.Module):
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Write `adapter`'s weights for this linear into `slot` (zeros for None or untargeted parts)."""
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if adapter is None:
-            return
+        self.lora_b_t[:, slot].zero_()
+        if adapter is not None:
+            self._copy_adapter(slot, adapter)
+        num_slots, width, in_features = self.lora_a.shape
+        self.packed_a = cpu_linear.pack_weight(self.lora_a.view(num_slots * width, in_features))
+        self.packed_b = cpu_linear.pack_weight(self.lora_b_t.view(-1, num_slots * width))
+
+    def _copy_adapter(self, slot: int, adapter: LoRAAdapter) -> None:
         r = adapter.rank
         for p, (name, (row, rows, start)) in enumerate(zip(self.module_names, self._out_parts())):
             pair = adapter.weights.get((self.layer_id, name))
@@ -115,31 +135,34 @@ class LoRALinear(nn.Module):
                 a = a[:, self.base.input_start : self.base.input_start + self.base.in_features]
             else:
                 b = b[start : start + rows]
-            cols = slice(p * self.max_rank, p * self.max_rank + r)
-            self.lora_a[slot, cols].copy_(a)
-            self.lora_b[slot, row : row + rows, cols].copy_(b)
+            ranks = slice(p * self.max_rank, p * self.max_rank + r)
+            self.lora_a[slot, ranks].copy_(a)
+            self.lora_b_t[row : row + rows, slot, ranks].copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
         out = cpu_linear.linear(x, base.weight, base.bias, base.packed_weight)
         batch = self.batch
-        if batch.active:
+        if batch.token_slots is not None:
             if x.device.type == "cpu":
-                _add_segments(x, self.lora_a, self.lora_b, batch, out)
+                add_lora_masked(x, self.lora_a, self.lora_b_t, batch, out, self.packed_a, self.packed_b)
             else:
                 y = kernels.lora_shrink(x, self.lora_a, batch.token_slots)
                 kernels.lora_expand(y, self.lora_b, batch.token_slots, out)
         return group.all_reduce(out) if self.row_parallel else out
 
 
-def _add_segments(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
-                  out: torch.Tensor) -> None:
-    """out[t] += B[slot] @ (A[slot] @ x[t]), one matmul pair per slot over its tokens."""
-    rows = x.index_select(0, batch.perm)
-    delta = torch.empty(rows.shape[0], out.shape[1], dtype=out.dtype)
-    for slot, start, end in batch.segments:
-        torch.mm(rows[start:end] @ lora_a[slot].T, lora_b[slot].T, out=delta[start:end])
-    out.index_add_(0, batch.perm, delta)
+def add_lora_masked(x: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor, batch: LoRABatch,
+                    out: torch.Tensor, packed_a: torch.Tensor | None = None,
+                    packed_b: torch.Tensor | None = None) -> None:
+    """out[t] += B[slot_t] (A[slot_t] x[t]) in four ops: all slots at once, the others masked to 0.
+
+    `lora_a` [num_slots, width, in], `lora_b_t` [out, num_slots, width], both contiguous; `packed_*`
+    their `cpu_linear` packed views, or None."""
+    num_slots, width, in_features = lora_a.shape
+    y = cpu_linear.linear(x, lora_a.view(num_slots * width, in_features), None, packed_a)
+    y.mul_(batch.mask(num_slots, width, y.dtype))
+    out.add_(cpu_linear.linear(y, lora_b_t.view(lora_b_t.shape[0], num_slots * width), None, packed_b))
 
 
 def wrap_model(model: nn.Module, num_slots: int, max_rank: int) -> tuple[LoRABatch, list[LoRALinear]]:
