@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inference.async_snapshot import SharedSnapshotRequest
 from inference.core_protocol import LoadLoRAAdapter, LoRAAdapterReply, UnloadLoRAAdapter
 
 
@@ -28,16 +29,15 @@ class LoRAAdapterNames:
     def __init__(self) -> None:
         self.adapters: dict[str, LoRAAdapterInfo] = {}
         self._lock = asyncio.Lock()
-        self._reply: asyncio.Future[LoRAAdapterReply] | None = None
+        # The core answers in order, one reply per command; with the lock only one is ever
+        # pending, so the shared-reply helper of KV snapshots never shares one here.
+        self._reply = SharedSnapshotRequest()
 
     async def change(self, command: LoadLoRAAdapter | UnloadLoRAAdapter,
                      send: Callable[[LoadLoRAAdapter | UnloadLoRAAdapter], None]) -> LoRAAdapterReply:
         """Send `command` and wait for the core's answer; on success, update the names."""
         async with self._lock:
-            reply = asyncio.get_running_loop().create_future()
-            send(command)  # raises before anything is pending if the core is gone
-            self._reply = reply
-            answer = await reply
+            answer = await self._reply.get(lambda: send(command))
         if answer.status == 200:
             if isinstance(command, LoadLoRAAdapter):
                 self.adapters[command.lora_name] = LoRAAdapterInfo(command.lora_name, command.lora_path, None)
@@ -46,12 +46,7 @@ class LoRAAdapterNames:
         return answer
 
     def resolve(self, reply: LoRAAdapterReply) -> None:
-        pending, self._reply = self._reply, None
-        if pending is not None and not pending.done():
-            pending.set_result(reply)
+        self._reply.resolve(reply)
 
     def fail(self, error: BaseException) -> None:
-        pending, self._reply = self._reply, None
-        if pending is not None and not pending.done():
-            pending.set_exception(error)
-            pending.exception()  # retrieved here: no "never retrieved" warning if nobody waits
+        self._reply.fail(error)

@@ -19,7 +19,7 @@ Kernel invariants:
 - Shrink grid (num_tokens, cdiv(width, BLOCK_R)): each program reduces over
   `in_features` in BLOCK_K chunks for BLOCK_R rows of A. Expand grid
   (num_tokens, cdiv(out_features, BLOCK_N)) reduces over the width in
-  BLOCK_W chunks (at most 128 wide: a wider tile spills registers).
+  BLOCK_W chunks (at most 64 wide: 128 took 254 registers a thread on sm_80, 1024 spilled).
 - Products accumulate in float32; expand rounds once, at the store of
   `out + delta`, as the reference does.
 - The grids depend on the shapes only, never on slot values, and the slots
@@ -37,7 +37,17 @@ from kernels._checks import check_float, check_index, check_last_dim_contiguous,
 
 _BLOCK_K = 128
 _BLOCK_N = 64
-_MAX_BLOCK_W = 128
+_MAX_BLOCK_W = 64
+
+
+@triton.jit
+def _token_tile(slots_ptr, num_rows, BLOCK: tl.constexpr):
+    """This program's token, its slot, the BLOCK rows it covers, and which of them to compute."""
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(slots_ptr + tok).to(tl.int64)
+    active = slot != 0
+    return tok, rows, slot, active, (rows < num_rows) & active
 
 
 @triton.jit
@@ -47,11 +57,7 @@ def _lora_shrink_kernel(
     stride_x_tok, stride_a_slot, stride_a_row, stride_o_tok,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    slot = tl.load(slots_ptr + tok).to(tl.int64)
-    active = slot != 0
-    row_mask = (rows < width) & active
+    tok, rows, slot, active, row_mask = _token_tile(slots_ptr, width, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -70,11 +76,7 @@ def _lora_expand_kernel(
     stride_y_tok, stride_b_slot, stride_b_width, stride_b_out, stride_o_tok,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slots_ptr + tok).to(tl.int64)
-    active = slot != 0
-    row_mask = (rows < out_features) & active
+    tok, rows, slot, active, row_mask = _token_tile(slots_ptr, out_features, BLOCK_N)
     delta = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for w0 in range(0, width, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)

@@ -1,10 +1,10 @@
 """The LoRA shrink and expand kernels against their torch references, and the
 engine's CPU path (per-slot segments) against the same references.
 
-Same mechanism as tests/test_kernels.py: without CUDA the kernels run in
-Triton's interpreter, switched on here at import when nothing has imported
-Triton yet; if something had, the CPU cases are skipped (tests/test_kernels.py's
-subprocess does not cover this file, so run it on its own). Outputs are
+The cases, tolerances and interpreter switch are tests/test_layer_kernels.py's
+(without CUDA the kernels run in Triton's interpreter, switched on at its
+import when nothing has imported Triton yet; if something had, the CPU cases
+are skipped: run this file on its own). Outputs are
 poisoned: shrink's `out` starts as NaN, so a row it forgets fails; expand's
 `out` is a view into a NaN-bordered tensor, and the border and the rows of
 slot 0 must come back bit for bit.
@@ -12,38 +12,18 @@ slot 0 must come back bit for bit.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
+import test_layer_kernels as layer_cases  # first: it switches the interpreter on before Triton loads
 import torch
-from ci_tools import require_module
 
-CUDA = torch.cuda.is_available()
-if "triton" not in sys.modules and not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernels import reference
+from kernels.lora import lora_expand, lora_shrink
 
-triton = require_module("triton", "pip install triton (Linux x86_64; make install does)")
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.lora import lora_expand, lora_shrink  # noqa: E402
-
-INTERPRETER = kernels.interpreter_active()
-
-CASES = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
-if CUDA:
-    CASES += [pytest.param("cuda", torch.bfloat16, id="cuda-bf16"), pytest.param("cuda", torch.float16, id="cuda-fp16")]
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+CASES, TOLERANCE, _need_kernels = layer_cases.CASES, layer_cases.TOLERANCE, layer_cases._need_kernels
 
 # (num_tokens, in_features, out_features, width, num_slots): ranks 1 to 64, fused widths (3 x 16, 3 x 64),
 # feature counts off the tiles, a batch with one token.
 SHAPES = [(1, 64, 64, 1, 2), (7, 100, 96, 8, 3), (16, 576, 960, 48, 5), (5, 200, 130, 64, 2), (9, 64, 300, 4, 9), (3, 64, 80, 192, 3)]
-
-
-def _need_kernels(device: str) -> None:
-    if device == "cpu" and not INTERPRETER:
-        pytest.skip("Triton was imported before TRITON_INTERPRET=1: run this file on its own")
 
 
 def _inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0):

@@ -115,11 +115,15 @@ class LoRALinear(nn.Module):
         return [(0, self.base.out_features, 0)]
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Write `adapter`'s weights for this linear into `slot` (zeros for None or untargeted parts)."""
+        """Write `adapter`'s weights for this linear into `slot` (zeros for None or untargeted parts);
+        call `repack` once the step's slots are all written."""
         self.lora_a[slot].zero_()
         self.lora_b_t[:, slot].zero_()
         if adapter is not None:
             self._copy_adapter(slot, adapter)
+
+    def repack(self) -> None:
+        """Refresh the packed copies after slots changed."""
         num_slots, width, in_features = self.lora_a.shape
         self.packed_a = cpu_linear.pack_weight(self.lora_a.view(num_slots * width, in_features))
         self.packed_b = cpu_linear.pack_weight(self.lora_b_t.view(-1, num_slots * width))

@@ -76,6 +76,7 @@ class LoRAResidency:
         if slot is not None:
             for linear in self.wrapped:
                 linear.set_slot(slot, None)
+                linear.repack()
             self.free_slots.append(slot)
 
     def request_slots(self, names: list[str | None]) -> np.ndarray:
@@ -92,13 +93,17 @@ class LoRAResidency:
         for name in names:
             if name in self.slots:
                 self.slots.move_to_end(name)
-        for name in names - self.slots.keys():
+        missing = names - self.slots.keys()
+        for name in missing:
             slot = self.free_slots.pop() if self.free_slots else self._evict_slot(names)
             adapter = self._host_copy(name)
             for linear in self.wrapped:
                 linear.set_slot(slot, adapter)
             self.slots[name] = slot
             self.num_swaps_in += 1
+        if missing:
+            for linear in self.wrapped:
+                linear.repack()
         return {name: self.slots[name] for name in names}
 
     def _evict_slot(self, needed: set[str]) -> int:
