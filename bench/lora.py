@@ -11,7 +11,8 @@ weights. Requests go round-robin over the adapters; with more adapters than
 
 Prints generated tokens per second per configuration, and the median
 milliseconds of a decode step at `--batch` requests on the base model and
-with `--step-adapters` adapters (the overhead the issue bounds at 1.3x).
+with `--step-adapters` adapters, stepped in turn (the overhead the issue
+bounds at 1.3x). `--adapters ""` runs the step timing alone.
 """
 
 from __future__ import annotations
@@ -82,12 +83,11 @@ def throughput(args: argparse.Namespace, paths: list[Path], num_adapters: int) -
             "tokens_per_s": generated / elapsed, "swaps_in": residency.num_swaps_in if residency else 0}
 
 
-def step_ms(args: argparse.Namespace, paths: list[Path], num_adapters: int) -> float:
-    """Median ms of a decode-only step with `--batch` requests, `num_adapters` of them mixed."""
+def _decoding_engine(args: argparse.Namespace, paths: list[Path], num_adapters: int):
+    """An engine whose `--batch` requests (spread over `num_adapters`) have all finished their prompts."""
     from inference import SamplingParams
 
-    llm = _llm(args, num_adapters)
-    engine = llm.engine
+    engine = _llm(args, num_adapters).engine
     lora = _lora_requests(paths, num_adapters, args.batch)
     if lora:
         for request in {r.lora_name: r for r in lora}.values():
@@ -97,12 +97,22 @@ def step_ms(args: argparse.Namespace, paths: list[Path], num_adapters: int) -> f
         engine.add_request(str(i), list(range(10 + i, 60 + i)), params, lora_name=lora[i].lora_name if lora else None)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
-    times = []
+    return engine
+
+
+def step_ms(args: argparse.Namespace, paths: list[Path]) -> tuple[float, float, float]:
+    """Median ms of a decode step at `--batch` on the base model and with `--step-adapters` adapters,
+    and the median of the per-pair ratios. The two engines step in turn, so load that comes and goes
+    on a shared machine hits both alike."""
+    base, lora = _decoding_engine(args, paths, 0), _decoding_engine(args, paths, args.step_adapters)
+    base_s, lora_s = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for engine, times in ((base, base_s), (lora, lora_s)):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+    ratio = statistics.median(b / a for a, b in zip(base_s, lora_s))
+    return statistics.median(base_s) * 1e3, statistics.median(lora_s) * 1e3, ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,21 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.model = args.model or default_model()
-    counts = [int(n) for n in args.adapters.split(",")]
+    counts = [int(n) for n in args.adapters.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="pagedinfer-lora-") as folder:
         paths = write_adapters(args.model, Path(folder), max(counts + [args.step_adapters]), args.rank)
         runs = [throughput(args, paths, n) for n in counts]
-        base_ms, lora_ms = step_ms(args, paths, 0), step_ms(args, paths, args.step_adapters)
+        base_ms, lora_ms, ratio = step_ms(args, paths)
     print("| adapters | tok/s | s | adapter swaps |\n|---:|---:|---:|---:|")
     for r in runs:
         print(f"| {r['adapters'] or 'base'} | {r['tokens_per_s']:.1f} | {r['seconds']:.2f} | {r['swaps_in']} |")
     print(f"decode step at batch {args.batch}: base {base_ms:.1f} ms, {args.step_adapters} adapters {lora_ms:.1f} ms "
-          f"({lora_ms / base_ms:.2f}x)")
+          f"(median of paired ratios {ratio:.2f}x)")
     if args.out:
         write_json(args.out, {
             "date": now_utc(), "commit": git_commit(), "machine": machine_info(), "model": args.model,
             "dtype": args.dtype, "rank": args.rank, "max_loras": args.max_loras, "throughput": runs,
-            "step": {"batch": args.batch, "base_ms": base_ms, "adapters": args.step_adapters, "lora_ms": lora_ms},
+            "step": {"batch": args.batch, "base_ms": base_ms, "adapters": args.step_adapters, "lora_ms": lora_ms,
+                     "paired_ratio": ratio},
         })
     return 0
 
