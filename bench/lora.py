@@ -53,7 +53,8 @@ def _llm(args: argparse.Namespace, num_adapters: int):
 
     lora = dict(enable_lora=True, max_loras=min(num_adapters, args.max_loras), max_lora_rank=args.rank,
                 max_cpu_loras=max(num_adapters, args.max_loras)) if num_adapters else {}
-    return LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.batch, **lora)
+    return LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.batch, kv_cache_memory=args.kv_cache_memory,
+               **lora)
 
 
 def _lora_requests(paths: list[Path], num_adapters: int, count: int):
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="max_num_seqs, and the decode batch of the step timing")
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps")
     parser.add_argument("--step-adapters", type=int, default=4)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default: the CPU's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.model = args.model or default_model()

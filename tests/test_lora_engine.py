@@ -43,6 +43,7 @@ def test_mixed_batch_matches_peft(base_and_adapters):
     assert [o.outputs[0].token_ids for o in outputs] == want
     residency = llm.engine.runner.lora
     assert residency.num_swaps_in > 3  # three adapters through two slots
+    assert residency.num_loads_from_disk > 0  # and through two places in host memory (max_cpu_loras)
     assert llm.stats().num_preemptions > 0
 
 

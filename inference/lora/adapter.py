@@ -44,10 +44,6 @@ class LoRAAdapter:
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-
 
 def module_shapes(hf_config) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each target module, unsharded."""
