@@ -6,7 +6,7 @@ from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
 from inference.request import Request
 from inference.sampling_params import SamplingParams
-from inference.scheduler import Scheduler
+from inference.scheduler import LORA_PATIENCE_STEPS, Scheduler
 
 
 def make(max_loras: int, max_num_seqs: int = 8) -> Scheduler:
@@ -44,8 +44,9 @@ def test_no_step_holds_more_adapters_than_slots():
 
 
 def test_a_waiting_adapter_is_not_starved_by_a_busy_one():
-    """Adapter "a" keeps getting new requests; "b" waits for the one slot,
-    and gets it once the "a" requests already running drain."""
+    """Adapter "a" keeps getting new requests, which pass "b" waiting for the
+    one slot until b's patience runs out; then the running "a" requests drain
+    and b gets the slot."""
     s = make(max_loras=1)
     s.add_request(request("a0", "a", 0.0))
     s.add_request(request("b0", "b", 1.0))
@@ -56,4 +57,5 @@ def test_a_waiting_adapter_is_not_starved_by_a_busy_one():
         assert len({r.lora_name for r, _ in out.scheduled}) == 1
         s.update(out, {r.request_id: 9 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
         steps += 1
-        assert steps < 20, "b0 never ran"
+        assert steps < LORA_PATIENCE_STEPS + 20, "b0 never ran"
+    assert steps > LORA_PATIENCE_STEPS  # "a" requests passed it meanwhile
