@@ -51,6 +51,20 @@ def _token_tile(slots_ptr, num_rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _matvec_rows(m_ptr, stride_row, stride_col, v_ptr, rows, row_mask, num_cols, active, BLOCK: tl.constexpr):
+    """float32 sum over cols of m[rows, col] * v[col], BLOCK columns at a time (m read only under row_mask)."""
+    acc = tl.zeros(rows.shape, dtype=tl.float32)
+    for c0 in range(0, num_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        col_mask = cols < num_cols
+        v = tl.load(v_ptr + cols, mask=col_mask & active, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(m * v[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, slots_ptr, out_ptr,
     width, in_features,
@@ -58,14 +72,8 @@ def _lora_shrink_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tok, rows, slot, active, row_mask = _token_tile(slots_ptr, width, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < in_features
-        x = tl.load(x_ptr + tok * stride_x_tok + cols, mask=col_mask & active, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + slot * stride_a_slot + rows[:, None] * stride_a_row + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a * x[None, :], axis=1)
+    acc = _matvec_rows(a_ptr + slot * stride_a_slot, stride_a_row, 1, x_ptr + tok * stride_x_tok,
+                       rows, row_mask, in_features, active, BLOCK_K)
     tl.store(out_ptr + tok * stride_o_tok + rows, acc, mask=rows < width)
 
 
@@ -77,14 +85,8 @@ def _lora_expand_kernel(
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     tok, rows, slot, active, row_mask = _token_tile(slots_ptr, out_features, BLOCK_N)
-    delta = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for w0 in range(0, width, BLOCK_W):
-        cols = w0 + tl.arange(0, BLOCK_W)
-        col_mask = cols < width
-        y = tl.load(y_ptr + tok * stride_y_tok + cols, mask=col_mask & active, other=0.0)
-        b = tl.load(b_ptr + slot * stride_b_slot + cols[None, :] * stride_b_width + rows[:, None] * stride_b_out,
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        delta += tl.sum(b * y[None, :], axis=1)
+    delta = _matvec_rows(b_ptr + slot * stride_b_slot, stride_b_out, stride_b_width, y_ptr + tok * stride_y_tok,
+                         rows, row_mask, width, active, BLOCK_W)
     out_ptrs = out_ptr + tok * stride_o_tok + rows
     base = tl.load(out_ptrs, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, (base + delta).to(out_ptr.dtype.element_ty), mask=row_mask)
