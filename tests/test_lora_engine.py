@@ -96,3 +96,18 @@ def test_kv_events_name_the_adapter():
     assert event.extra_keys == [("sql", "salt"), ("sql",)]
     base = to_wire(BlocksStored([b"\1" * 32], None, list(range(16)), 0, None), 16)
     assert (base.lora_name, base.lora_id, base.extra_keys) == (None, None, None)
+
+
+def test_default_model_with_an_adapter_matches_peft(smollm2_dir, smollm2_tokenizer, tmp_path):
+    """SmolLM2 (the default model, 30 layers) with a rank-8 adapter on every projection, beside the base model."""
+    from lora_fixtures import build_adapter
+
+    adapter = build_adapter(smollm2_dir, tmp_path / "smol", 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], seed=3)
+    prompt = smollm2_tokenizer.encode("The capital of France is")
+    want = peft_greedy(smollm2_dir, adapter, [prompt], MAX_TOKENS)[0]
+    llm = LLM(model=str(smollm2_dir), dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=32)
+    base, tuned = llm.generate([prompt, prompt], GREEDY, use_tqdm=False,
+                               lora_request=[None, LoRARequest("smol", 1, str(adapter))])
+    assert tuned.outputs[0].token_ids == want
+    assert base.outputs[0].token_ids != want
