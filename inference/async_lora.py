@@ -30,7 +30,7 @@ class LoRAAdapterNames:
         self.adapters: dict[str, LoRAAdapterInfo] = {}
         self._lock = asyncio.Lock()
         # The core answers in order, one reply per command; with the lock only one is ever
-        # pending, so the shared-reply helper of KV snapshots never shares one here.
+        # pending, so the KV snapshots' shared reply never shares one here.
         self._reply = SharedSnapshotRequest()
 
     async def change(self, command: LoadLoRAAdapter | UnloadLoRAAdapter,
