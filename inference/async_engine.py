@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from inference.async_lora import LoRAAdapterInfo, LoRAAdapterNames
 from inference.async_snapshot import SharedSnapshotRequest
 from inference.core_process import run_engine_core
 from inference.core_codec import Codec
@@ -41,10 +42,13 @@ from inference.core_protocol import (
     CoreFailed,
     CoreReady,
     KVSnapshot,
+    LoadLoRAAdapter,
+    LoRAAdapterReply,
     ResetPrefixCache,
     Shutdown,
     SnapshotKV,
     StepOutputs,
+    UnloadLoRAAdapter,
     check_request,
 )
 from inference.output_processor import OutputProcessor
@@ -128,6 +132,7 @@ class AsyncLLM:
         self._stats: EngineStats | None = None
         self._processor: OutputProcessor | None = None
         self._kv_snapshot = SharedSnapshotRequest()
+        self.lora = LoRAAdapterNames()
         self.config: EngineConfig | None = None
         self.vocab_size = 0
         self.startup_seconds: dict[str, float] = {}  # the core's start-up phases, once ready
@@ -197,6 +202,7 @@ class AsyncLLM:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_name: str | None = None,
     ) -> RequestStream:
         """Hand a request to the core; raises ValueError for bad input, so
         callers can answer with an error before they start streaming."""
@@ -215,7 +221,7 @@ class AsyncLLM:
         self._streams[request_id] = stream
         processor.add(request_id, prompt_text, token_ids, params, arrival)
         self._num_unaccepted += 1
-        self._send(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt))
+        self._send(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt, lora_name))
         return stream
 
     async def generate(
@@ -227,10 +233,12 @@ class AsyncLLM:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request; closing or cancelling the iterator aborts it."""
         stream = await self.add_request(
-            request_id, prompt, params, priority=priority, arrival_time=arrival_time, cache_salt=cache_salt
+            request_id, prompt, params, priority=priority, arrival_time=arrival_time, cache_salt=cache_salt,
+            lora_name=lora_name,
         )
         try:
             async for output in stream:
@@ -243,6 +251,12 @@ class AsyncLLM:
         if not self.is_ready:
             raise EngineDeadError("engine is not running")
         return await self._kv_snapshot.get(lambda: self._send(SnapshotKV()))
+
+    async def change_lora(self, command: LoadLoRAAdapter | UnloadLoRAAdapter) -> LoRAAdapterReply:
+        """Load or unload a LoRA adapter in the core; its answer (status 200 on success)."""
+        if not self.is_ready:
+            raise EngineDeadError("engine is not running")
+        return await self.lora.change(command, self._send)
 
     def reset_prefix_cache(self) -> None:
         """Have the core forget every cached prefix before its next step."""
@@ -279,7 +293,8 @@ class AsyncLLM:
             self._abort(request_id)
             stream._put(RequestFailedError(reason))
 
-    def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV | ResetPrefixCache) -> None:
+    def _send(self, message: AddRequest | AbortRequests | Shutdown | SnapshotKV | ResetPrefixCache
+              | LoadLoRAAdapter | UnloadLoRAAdapter) -> None:
         try:
             self._inputs.send(self._input_codec.encode(message), zmq.NOBLOCK)
         except zmq.Again:  # only a core that never connected refuses
@@ -320,6 +335,8 @@ class AsyncLLM:
                     self._on_step(message)
                 elif isinstance(message, KVSnapshot):
                     self._kv_snapshot.resolve(message)
+                elif isinstance(message, LoRAAdapterReply):
+                    self.lora.resolve(message)
                 elif isinstance(message, CoreReady):
                     await self._on_ready(message)
                 elif isinstance(message, CoreFailed):
@@ -333,6 +350,9 @@ class AsyncLLM:
         self._processor = OutputProcessor(tokenizer)
         self.config, self.vocab_size = ready.config, ready.vocab_size
         self.startup_seconds = ready.startup_seconds
+        if ready.config.lora is not None:
+            self.lora.adapters = {m.name: LoRAAdapterInfo(m.name, m.path, m.base_model_name)
+                                  for m in ready.config.lora.modules}
         self._stats = ready.stats
         self._log_stats([], ready.stats)
         self._ready.set()
@@ -392,6 +412,7 @@ class AsyncLLM:
     def _fail_all(self, error: BaseException) -> None:
         self._num_unaccepted = 0
         self._kv_snapshot.fail(error)
+        self.lora.fail(error)
         for request_id in list(self._streams):
             self._fail(request_id, error)
         self._ready.set()  # wake wait_ready() so it can report the failure

@@ -11,7 +11,9 @@ prefixes. Two algorithms (`--prefix-caching-hash-algo`):
   otherwise (vLLM does the same), so replicas and routers agree on hashes only
   when they share PYTHONHASHSEED. `extra_keys` is `(cache_salt,)` on the
   first block of a salted request and None elsewhere: the chain carries the
-  salt on, as in vLLM (a LoRA adapter's name would go first in the tuple).
+  salt on, as in vLLM. A request of a LoRA adapter puts the adapter's name
+  first in every block's extra keys (`(lora_name, cache_salt)` on a salted
+  first block), as vLLM does, so two adapters never share a block.
 - `sha256`: pagedinfer's earlier scheme, SHA-256 over the parent hash, the
   salt and the token ids as int64; cheaper, but no router speaks it.
 
@@ -52,9 +54,11 @@ def none_hash_from_env() -> bytes:
     return sha256_cbor(seed)
 
 
-def block_extra_keys(block_index: int, cache_salt: str | None) -> tuple[Any, ...] | None:
-    """vLLM's extra keys of one block: the salt goes into the first block only."""
-    return (cache_salt,) if block_index == 0 and cache_salt else None
+def block_extra_keys(block_index: int, cache_salt: str | None, lora_name: str | None = None) -> tuple[Any, ...] | None:
+    """vLLM's extra keys of one block: the adapter's name on every block, then
+    the salt on the first block only; None when there is neither."""
+    keys = ((lora_name,) if lora_name else ()) + ((cache_salt,) if block_index == 0 and cache_salt else ())
+    return keys or None
 
 
 @dataclass(slots=True)
@@ -69,22 +73,24 @@ class BlockHasher:
         return cls(algo, none_hash_from_env() if algo == "sha256_cbor" else b"")
 
     def hash_block(self, parent_hash: bytes | None, token_ids: list[int], block_index: int,
-                   cache_salt: str | None) -> bytes:
+                   cache_salt: str | None, lora_name: str | None = None) -> bytes:
         if self.algo == "sha256_cbor":
-            extra_keys = block_extra_keys(block_index, cache_salt)
+            extra_keys = block_extra_keys(block_index, cache_salt, lora_name)
             return sha256_cbor((parent_hash or self.none_hash, tuple(token_ids), extra_keys))
         h = hashlib.sha256(parent_hash or b"")
+        if lora_name:
+            h.update(b"lora:" + lora_name.encode())
         if cache_salt:
             h.update(cache_salt.encode())
         h.update(array("q", token_ids).tobytes())
         return h.digest()
 
     def hash_blocks(self, token_ids: list[int], block_size: int, cache_salt: str | None,
-                    known: list[bytes] | None = None) -> list[bytes]:
+                    known: list[bytes] | None = None, lora_name: str | None = None) -> list[bytes]:
         """Chained hashes of every full block of `token_ids`, extending `known`."""
         hashes = list(known or [])
         for index in range(len(hashes), len(token_ids) // block_size):
             start = index * block_size
             parent = hashes[-1] if hashes else None
-            hashes.append(self.hash_block(parent, token_ids[start : start + block_size], index, cache_salt))
+            hashes.append(self.hash_block(parent, token_ids[start : start + block_size], index, cache_salt, lora_name))
         return hashes

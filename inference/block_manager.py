@@ -161,7 +161,7 @@ class BlockManager:
         return new_id
 
     def cache_blocks(self, block_ids: list[int], block_hashes: list[bytes], token_ids: list[int],
-                     cache_salt: str | None = None) -> None:
+                     cache_salt: str | None = None, lora_name: str | None = None, lora_id: int | None = None) -> None:
         """Register full, computed blocks under their hashes: `block_ids` and
         `block_hashes` are a request's first blocks, `token_ids` its tokens
         (read only to record events)."""
@@ -178,17 +178,18 @@ class BlockManager:
                 continue
             # Already cached, or another block holds the same data (keep the first).
             if run_start is not None and self.record_events:
-                self._record_stored(block_hashes, run_start, index, token_ids, cache_salt)
+                self._record_stored(block_hashes, run_start, index, token_ids, cache_salt, lora_name, lora_id)
             run_start = None
         if run_start is not None and self.record_events:
-            self._record_stored(block_hashes, run_start, min(len(block_ids), len(block_hashes)), token_ids, cache_salt)
+            self._record_stored(block_hashes, run_start, min(len(block_ids), len(block_hashes)), token_ids, cache_salt,
+                                lora_name, lora_id)
 
     def _record_stored(self, block_hashes: list[bytes], start: int, stop: int, token_ids: list[int],
-                       cache_salt: str | None) -> None:
+                       cache_salt: str | None, lora_name: str | None, lora_id: int | None) -> None:
         size = self.block_size
         self.events.append(BlocksStored(
             block_hashes[start:stop], block_hashes[start - 1] if start else None,
-            token_ids[start * size : stop * size], start, cache_salt,
+            token_ids[start * size : stop * size], start, cache_salt, lora_name, lora_id,
         ))
 
     def _evict(self, block: Block) -> None:

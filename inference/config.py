@@ -12,6 +12,7 @@ from pathlib import Path
 
 from inference.block_hashing import HASH_ALGOS
 from inference.kv_events_config import KVEventsConfig
+from inference.lora.config import LoRAConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
 # "dummy": random weights built on the device, no weight files read (benchmarks
@@ -27,6 +28,8 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
+    # Distinct LoRA adapters one step may hold (the device slots); 0: LoRA is off.
+    max_loras: int = 0
 
 
 @dataclass(slots=True)
@@ -56,6 +59,8 @@ class EngineConfig:
     prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
     # KV-cache events for routers (inference/kv_events_config.py); None: off.
     kv_events: KVEventsConfig | None = None
+    # Multi-LoRA serving (inference/lora/); None: off.
+    lora: LoRAConfig | None = None
 
     @classmethod
     def create(
@@ -76,6 +81,7 @@ class EngineConfig:
         tensor_parallel_size: int = 1,
         prefix_caching_hash_algo: str = "sha256_cbor",
         kv_events: KVEventsConfig | None = None,
+        lora: LoRAConfig | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -133,6 +139,12 @@ class EngineConfig:
             gpu_memory_utilization = 0.9
         if not on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             kv_cache_memory = 2 * 1024**3
+        if lora is not None and tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters are not served with tensor_parallel_size > 1 yet")
+        if lora is not None and hf_config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"LoRA adapters are served on Llama, Mistral, Qwen2 and Qwen3 models, not {hf_config.model_type}")
+        if lora is not None and on_gpu:
+            enforce_eager = True  # the decode graphs do not capture the LoRA kernels yet
         return cls(
             model=str(path),
             dtype=dtype,
@@ -151,6 +163,7 @@ class EngineConfig:
             dtype_reason=dtype_reason,
             prefix_caching_hash_algo=prefix_caching_hash_algo,
             kv_events=kv_events if kv_events is not None and kv_events.enabled else None,
+            lora=lora,
         )
 
     def describe_dtype(self) -> str:
@@ -164,6 +177,7 @@ class EngineConfig:
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
+            max_loras=self.lora.max_loras if self.lora is not None else 0,
         )
 
 

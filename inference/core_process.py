@@ -2,7 +2,8 @@
 
     drain inputs     adds and aborts from the front end (ZeroMQ PULL); it
                      blocks only while there is no work; a KV snapshot
-                     asked for is taken and sent here, between two steps
+                     asked for is taken and sent here, between two steps,
+                     and so is the answer to a LoRA adapter load or unload
     core.step()      one forward pass
     send outputs     ONE `StepOutputs` per step (ZeroMQ PUSH): every sample's
                      new token ids, finishes, logprobs, and the engine stats
@@ -41,10 +42,12 @@ from inference.core_protocol import (
     AddRequest,
     CoreFailed,
     CoreReady,
+    LoadLoRAAdapter,
     ResetPrefixCache,
     Shutdown,
     SnapshotKV,
     StepOutputs,
+    UnloadLoRAAdapter,
 )
 
 if TYPE_CHECKING:
@@ -173,6 +176,9 @@ class _CoreLoop:
                 continue
             if isinstance(message, ResetPrefixCache):
                 self.core.reset_prefix_cache()
+                continue
+            if isinstance(message, (LoadLoRAAdapter, UnloadLoRAAdapter)):
+                self.outputs.send(self.codec.encode(self.core.change_lora(message)), copy=False)
                 continue
             self._add(message)
 

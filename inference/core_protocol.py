@@ -42,6 +42,9 @@ class EngineStats:
     # that rank allocated on CUDA; one entry without tensor parallelism.
     rank_memory_bytes: list[int] = field(default_factory=list)
     num_kv_events_dropped: int = 0  # KV-cache events the publisher's full queue refused
+    # LoRA adapter name -> its running / waiting requests (vLLM's iteration stats); empty without LoRA.
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -91,6 +94,7 @@ class AddRequest:
     arrival_time: float  # time.monotonic(), one clock for both processes on Linux
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # a registered LoRA adapter; None: the base model
 
 
 @dataclass(slots=True)
@@ -114,7 +118,22 @@ class ResetPrefixCache:
     after it sees the empty cache (one socket, in order)."""
 
 
-CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV, ResetPrefixCache)
+@dataclass(slots=True)
+class LoadLoRAAdapter:
+    """Register a LoRA adapter folder; the core answers with a `LoRAAdapterReply`."""
+
+    lora_name: str
+    lora_path: str
+
+
+@dataclass(slots=True)
+class UnloadLoRAAdapter:
+    """Forget a LoRA adapter; the core answers with a `LoRAAdapterReply`."""
+
+    lora_name: str
+
+
+CORE_INPUTS = (AddRequest, AbortRequests, Shutdown, SnapshotKV, ResetPrefixCache, LoadLoRAAdapter, UnloadLoRAAdapter)
 
 
 # ---- core -> front end -------------------------------------------------------
@@ -187,4 +206,14 @@ class KVSnapshot:
     stats: EngineStats
 
 
-CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed, KVSnapshot)
+@dataclass(slots=True)
+class LoRAAdapterReply:
+    """How a load or unload went, as an HTTP status: 200 done, 400 the adapter
+    cannot be served (or the name is taken), 404 unknown name, 409 still in use."""
+
+    lora_name: str
+    status: int
+    message: str
+
+
+CORE_OUTPUTS = (StepOutputs, CoreReady, CoreFailed, KVSnapshot, LoRAAdapterReply)

@@ -45,6 +45,7 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_name: str | None = None,
     ) -> None:
         if request_id in self.outputs.states:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -53,13 +54,26 @@ class LLMEngine:
         else:
             prompt_text, token_ids = None, list(prompt)
         check_request(token_ids, params, self.config, self.core.vocab_size)
+        if lora_name is not None and lora_name not in self.lora_names:
+            raise ValueError(f"The model `{lora_name}` does not exist.")
         if params.structured_outputs is not None:
             from inference.structured_output import check_structured_outputs  # xgrammar only when asked for
 
             check_structured_outputs(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self.outputs.add(request_id, prompt_text, token_ids, params, arrival)
-        self.core.add_request(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt))
+        self.core.add_request(AddRequest(request_id, token_ids, params, arrival, priority, cache_salt, lora_name))
+
+    @property
+    def lora_names(self) -> list[str]:
+        lora = self.core.runner.lora
+        return [] if lora is None else list(lora.registered)
+
+    def add_lora(self, name: str, path: str) -> int:
+        return self.core.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.core.remove_lora(name)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_requests(self.outputs.abort(request_id, time.monotonic()))

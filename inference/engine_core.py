@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig
 from inference.core_protocol import (
-    AddRequest, EngineStats, KVSnapshot, SampleOutput, StepOutputs, check_request, sample_request_id,
+    AddRequest, EngineStats, KVSnapshot, LoadLoRAAdapter, LoRAAdapterReply, SampleOutput, StepOutputs,
+    UnloadLoRAAdapter, check_request, sample_request_id,
 )
 from inference.kv_snapshot import take_kv_snapshot
 from inference.memory_plan import MemoryPlan, plan, weight_bytes
@@ -124,6 +125,15 @@ def _start_runner(config: EngineConfig, hf_config) -> ModelRunner:
         raise RuntimeError(failure) from exc
 
 
+def _count_loras(requests: list[Request]) -> dict[str, int]:
+    """Requests (samples included) per LoRA adapter, in first-seen order."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_name is not None:
+            counts[request.lora_name] = counts.get(request.lora_name, 0) + request.num_seats
+    return counts
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -148,6 +158,9 @@ class EngineCore:
             record_events=config.kv_events is not None,
         )
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        if config.lora is not None:
+            for module in config.lora.modules:
+                self.add_lora(module.name, module.path)
         self.kv_events = None
         if config.kv_events is not None:
             # Imported only when asked for: the offline engine needs neither ZeroMQ nor msgspec.
@@ -171,6 +184,11 @@ class EngineCore:
         check_request(add.prompt_token_ids, params, self.config, self.vocab_size)
         if add.request_id in self.scheduler.requests:
             raise ValueError(f"request id {add.request_id!r} is already in use")
+        lora_id = None
+        if add.lora_name is not None:
+            if self.runner.lora is None or add.lora_name not in self.runner.lora.registered:
+                raise ValueError(f"The model `{add.lora_name}` does not exist.")
+            lora_id = self.runner.lora.registered[add.lora_name].lora_id
 
         # A structured request waits for its grammar before it may queue.
         status = RequestStatus.WAITING if params.structured_outputs is None else RequestStatus.WAITING_FOR_GRAMMAR
@@ -178,7 +196,8 @@ class EngineCore:
         def sample(index: int) -> Request:
             return Request(
                 sample_request_id(add.request_id, index), add.request_id, index, add.prompt_token_ids, params,
-                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, status=status,
+                self.eos_token_ids, add.arrival_time, add.priority, add.cache_salt, add.lora_name, lora_id,
+                status=status,
             )
 
         leader = sample(0)
@@ -186,6 +205,42 @@ class EngineCore:
         if params.structured_outputs is not None:
             self.compiling[add.request_id] = self.structured_output.grammar(params.structured_outputs)
         self.scheduler.add_request(leader)
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Register a LoRA adapter (read and checked now: LoRAError if it cannot
+        be served, or the name is taken); its lora_id."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA is not enabled (start with enable_lora)")
+        return self.runner.lora.register(name, path).lora_id
+
+    def remove_lora(self, name: str) -> None:
+        """Forget a LoRA adapter: KeyError if unknown, LoRAInUseError while requests still use it."""
+        from inference.lora.residency import LoRAInUseError
+
+        if self.runner.lora is None or name not in self.runner.lora.registered:
+            raise KeyError(name)
+        num_using = sum(r.lora_name == name for r in self.scheduler.requests.values())
+        if num_using:
+            raise LoRAInUseError(f"The lora adapter '{name}' is still used by {num_using} request(s).")
+        self.runner.lora.unregister(name)
+
+    def change_lora(self, command: LoadLoRAAdapter | UnloadLoRAAdapter) -> LoRAAdapterReply:
+        """Apply a runtime load or unload; bad input is answered, never raised."""
+        from inference.lora.residency import LoRAInUseError
+
+        name = command.lora_name
+        try:
+            if isinstance(command, LoadLoRAAdapter):
+                self.add_lora(name, command.lora_path)
+                return LoRAAdapterReply(name, 200, f"Success: LoRA adapter '{name}' added successfully.")
+            self.remove_lora(name)
+            return LoRAAdapterReply(name, 200, f"Success: LoRA adapter '{name}' removed successfully.")
+        except KeyError:
+            return LoRAAdapterReply(name, 404, f"The lora adapter '{name}' cannot be found.")
+        except LoRAInUseError as exc:
+            return LoRAAdapterReply(name, 409, str(exc))
+        except ValueError as exc:
+            return LoRAAdapterReply(name, 400, str(exc))
 
     def _admit_compiled(self) -> list[SampleOutput]:
         """Queue the requests whose grammar compiled; a failed compile ends
@@ -302,6 +357,10 @@ class EngineCore:
             kv_cache_bytes=self.runner.kv_cache_bytes,
             rank_memory_bytes=self.runner.rank_memory_bytes,
             num_kv_events_dropped=self.kv_events.num_dropped_events if self.kv_events is not None else 0,
+            running_lora_adapters=_count_loras(self.scheduler.running),
+            waiting_lora_adapters=_count_loras(
+                [e.request for e in self.scheduler.waiting] + list(self.scheduler.waiting_for_grammar.values())
+            ),
         )
 
     def kv_snapshot(self) -> KVSnapshot:

@@ -29,6 +29,8 @@ class BlocksStored:
     token_ids: list[int]  # block_size per block, in order
     first_block_index: int  # position of the first block in its prefix (the salt goes in block 0)
     cache_salt: str | None
+    lora_name: str | None = None  # the LoRA adapter whose KV these blocks hold (its name is in every hash)
+    lora_id: int | None = None
 
 
 @dataclass(slots=True)

@@ -79,15 +79,16 @@ def external_hash(block_hash: bytes) -> int:
 def to_wire(event: KVCacheEvent, block_size: int) -> BlockStored | BlockRemoved | AllBlocksCleared:
     if isinstance(event, BlocksStored):
         first = event.first_block_index
-        extra_keys = [block_extra_keys(first + i, event.cache_salt) for i in range(len(event.block_hashes))]
+        extra_keys = [block_extra_keys(first + i, event.cache_salt, event.lora_name)
+                      for i in range(len(event.block_hashes))]
         return BlockStored(
             block_hashes=[external_hash(h) for h in event.block_hashes],
             parent_block_hash=None if event.parent_block_hash is None else external_hash(event.parent_block_hash),
             token_ids=event.token_ids,
             block_size=block_size,
-            lora_id=None,
+            lora_id=event.lora_id,
             medium=MEDIUM,
-            lora_name=None,
+            lora_name=event.lora_name,
             extra_keys=extra_keys if any(keys is not None for keys in extra_keys) else None,
         )
     if isinstance(event, BlocksRemoved):

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from inference.config import EngineConfig
 from inference.core_protocol import KVSnapshot
 from inference.engine import EngineStats, LLMEngine
+from inference.lora.config import LoRAConfig, LoRARequest
 from inference.outputs import RequestOutput
 from inference.sampling_params import SamplingParams
 
@@ -25,8 +26,14 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
         **kwargs,
     ) -> None:
+        if enable_lora:
+            kwargs["lora"] = LoRAConfig.create(max_loras, max_lora_rank, max_cpu_loras)
         config = EngineConfig.create(
             model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
@@ -52,7 +59,9 @@ class LLM:
         prompts: list[str] | list[list[int]] | str,
         params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or one (or None) per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None:
@@ -61,12 +70,18 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA requests")
+        for lora in loras:
+            if lora is not None and lora.lora_name not in self.engine.lora_names:
+                self.engine.add_lora(lora.lora_name, lora.lora_path)
         # Validate everything before anything runs, so a bad prompt fails the call cleanly.
         request_ids = [str(next(self._ids)) for _ in prompts]
         added = []
         try:
-            for request_id, prompt, p in zip(request_ids, prompts, params):
-                self.engine.add_request(request_id, prompt, p)
+            for request_id, prompt, p, lora in zip(request_ids, prompts, params, loras):
+                self.engine.add_request(request_id, prompt, p, lora_name=lora.lora_name if lora else None)
                 added.append(request_id)
         except ValueError:
             for request_id in added:

@@ -9,6 +9,9 @@ copies them to the device; a decode-only batch that fits a graph bucket is
 padded up to it and replayed (`DecodeGraphs`); any other batch runs eagerly;
 the LM head runs only on the rows that sample.
 
+With LoRA on (`inference/lora/`), the step's adapters are swapped into their
+device slots first and each token's slot is written to the step buffers.
+
 The KV cache holds `num_blocks` blocks for the block manager plus one scratch
 block (id `num_blocks`) that padding rows write to and read; no request ever
 owns it.
@@ -103,6 +106,11 @@ class ModelRunner:
                 logger.info("CPU ops: %s", kernels.cpu_kernels())
         with phase("weights"):
             self.model = load_model(config.model, hf_config, self.dtype, config.device, config.load_format == "dummy")
+            self.lora = None
+            if config.lora is not None:
+                from inference.lora.residency import LoRAResidency
+
+                self.lora = LoRAResidency(self.model, hf_config, config.lora)
             self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             packed = self.model.pack_cpu_weights() if self.device.type == "cpu" else 0
         if packed:
@@ -270,6 +278,10 @@ class ModelRunner:
                 graphs is not None and num_reqs <= graphs.max_batch_size and all(n == 1 for _, n in scheduled)
             )
             plan.batch = self.buffers.prepare(scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs)
+            if self.lora is not None:
+                request_slots = self.lora.request_slots([request.lora_name for request, _ in scheduled])
+                token_slots = self.buffers.set_lora_slots(request_slots, plan.batch)
+                self.lora.set_token_slots(token_slots, self.buffers.np["lora_slots"][: plan.batch.num_padded_tokens])
             rows, prompt_requests = self._plan_logits(scheduled, plan)
         if self.workers is not None and (plan.batch is not None or plan.block_copies):
             self.workers.send(encode_step(self.buffers, plan))

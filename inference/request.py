@@ -35,6 +35,8 @@ class Request:
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # the LoRA adapter it runs with; None: the base model
+    lora_id: int | None = None  # that adapter's id (KV events name both)
     # prompt followed by outputs; grows by one per sampled token
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

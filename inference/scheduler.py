@@ -24,6 +24,13 @@ Invariants:
   `grammar_ready` hands it its matchers.
 - A structured request's matcher has accepted exactly its output tokens; a
   sampled token the matcher refuses is not appended and ends the request.
+- With LoRA on, the running requests use at most `max_loras` distinct
+  adapters, so no step needs more device slots than there are. A waiting
+  request whose adapter finds no free slot stays queued while others behind
+  it are admitted (requests of adapters already running, base-model ones).
+  Once it has been passed over in `LORA_PATIENCE_STEPS` steps, only
+  base-model requests are admitted past it, so the running adapters drain
+  and it cannot starve.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ from inference.block_hashing import BlockHasher
 from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
 from inference.request import Request, RequestStatus
+
+
+# Steps a request may wait for an adapter slot while later requests of running adapters pass it.
+LORA_PATIENCE_STEPS = 8
 
 
 @dataclass(slots=True)
@@ -77,6 +88,7 @@ class Scheduler:
         self.waiting_for_grammar: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
+        self._lora_waits: dict[str, int] = {}  # request id -> steps passed over for want of an adapter slot
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -113,6 +125,7 @@ class Scheduler:
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         request = self.requests.pop(request_id, None)
+        self._lora_waits.pop(request_id, None)
         if request is None:
             return
         for sample in request.pending_samples:
@@ -178,10 +191,18 @@ class Scheduler:
 
         # Admit waiting requests; not after a preemption, which means the pool
         # is already too small for what runs.
+        lora_blocked: list[_WaitingEntry] = []  # passed over for want of an adapter slot
+        strict = False  # one of them ran out of patience: only base-model requests pass
         while self.waiting and budget > 0 and not preempted:
             request = self.waiting[0].request
             if self.num_running + request.num_seats > self.config.max_num_seqs:
                 break
+            if not self._lora_fits(request, strict):
+                lora_blocked.append(heapq.heappop(self.waiting))
+                waits = self._lora_waits[request.request_id] = self._lora_waits.get(request.request_id, 0) + 1
+                strict = strict or waits > LORA_PATIENCE_STEPS
+                continue
+            self._lora_waits.pop(request.request_id, None)
             hits = self._lookup_prefix(request)
             num_cached = len(hits) * self.block_size
             num_new = min(request.num_tokens_target - num_cached, budget)
@@ -197,17 +218,29 @@ class Scheduler:
             scheduled[request] = num_new
             budget -= num_new
 
+        for entry in lora_blocked:
+            heapq.heappush(self.waiting, entry)
         order = {id(r): i for i, r in enumerate(self.running)}
         batch = sorted(scheduled.items(), key=lambda item: order[id(item[0])])
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(batch, copies, finished, self.config.max_num_batched_tokens - budget)
+
+    def _lora_fits(self, request: Request, strict: bool) -> bool:
+        """Whether admitting `request` keeps the running adapters within `max_loras`
+        (never, when `strict`, for an adapter's request)."""
+        if request.lora_name is None:
+            return True
+        if strict:
+            return False
+        running = {r.lora_name for r in self.running if r.lora_name is not None}
+        return request.lora_name in running or len(running) < self.config.max_loras
 
     def _lookup_prefix(self, request: Request) -> list[int]:
         """Block ids of the cached prefix a request being admitted can reuse."""
         if not self.config.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
         request.block_hashes = self.hasher.hash_blocks(
-            request.token_ids, self.block_size, request.cache_salt, request.block_hashes
+            request.token_ids, self.block_size, request.cache_salt, request.block_hashes, request.lora_name
         )
         max_blocks = (request.num_tokens_target - 1) // self.block_size
         return self.block_manager.lookup(request.block_hashes[:max_blocks])
@@ -287,10 +320,11 @@ class Scheduler:
         if num_full > len(request.block_hashes):
             request.block_hashes = self.hasher.hash_blocks(
                 request.token_ids[: num_full * self.block_size], self.block_size,
-                request.cache_salt, request.block_hashes,
+                request.cache_salt, request.block_hashes, request.lora_name,
             )
         self.block_manager.cache_blocks(
-            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt
+            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt,
+            request.lora_name, request.lora_id,
         )
 
     def _fork(self, leader: Request) -> None:

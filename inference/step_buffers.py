@@ -1,8 +1,8 @@
 """Persistent step inputs: device tensors sized once, filled each step.
 
 Every tensor a forward pass reads (`input_ids`, `positions`, `slot_mapping`,
-`seq_lens`, `query_start_loc`, `block_tables`, the decode attention kernel's
-split workspace) and the rows to sample (`logits_indices`) live in buffers
+`seq_lens`, `query_start_loc`, `block_tables`, `lora_slots`, the decode
+attention kernel's split workspace) and the rows to sample (`logits_indices`) live in buffers
 allocated at start-up from the scheduler's limits, so no step allocates step
 data on the device and a captured CUDA graph reads the same addresses on
 every replay.
@@ -19,6 +19,8 @@ Invariants:
 - Rows of `block_tables` hold the request's block ids, then -1; padding rows
   (`pad`) point at the runner's scratch block with `seq_len` 1, write their
   key and value to its slot 0, and are never sampled.
+- `lora_slots` holds each token's LoRA adapter slot, 0 for the base model
+  and for padding; it is written only in steps that use an adapter.
 - On the CPU the device tensors are the staging tensors themselves.
 """
 
@@ -69,6 +71,7 @@ class StepBuffers:
             "query_start_loc": host(max_num_reqs + 1, dtype=torch.int32),
             "logits_indices": host(max_num_reqs, dtype=torch.int64),
             "block_tables": host(max_num_reqs, max_blocks_per_seq, dtype=torch.int32),
+            "lora_slots": host(max_num_tokens, dtype=torch.int32),
         }
         self._host["block_tables"].fill_(-1)
         self.np = {name: t.numpy() for name, t in self._host.items()}
@@ -145,6 +148,17 @@ class StepBuffers:
         self.np["logits_indices"][: len(rows)] = rows
         self._copy("logits_indices", len(rows))
         return self.gpu["logits_indices"][: len(rows)]
+
+    def set_lora_slots(self, request_slots: np.ndarray, batch: StepBatch) -> torch.Tensor:
+        """Spread each request's adapter slot over its tokens (padding: 0);
+        the device view of the batch's rows."""
+        self.wait_for_copies()
+        qsl = self.np["query_start_loc"]
+        slots = self.np["lora_slots"]
+        slots[: batch.num_tokens] = np.repeat(request_slots, np.diff(qsl[: batch.num_reqs + 1]))
+        slots[batch.num_tokens : batch.num_padded_tokens] = 0
+        self._copy("lora_slots", batch.num_padded_tokens)
+        return self.gpu["lora_slots"][: batch.num_padded_tokens]
 
     def _copy(self, name: str, num_rows: int) -> None:
         if self._copied is not None:

@@ -63,10 +63,20 @@ Mixture of experts (`moe.py` states its layout and invariants):
   `[num_tokens, top_k]` come from the router. The reference is transformers'
   loop over experts.
 
+Multi-LoRA (`lora.py` states its layout and invariants):
+    lora_shrink(x, lora_a, token_slots, out=None) -> out (float32)
+    lora_expand(y, lora_b, token_slots, out) -> None (adds into out)
+
+- Stacked adapters `lora_a` `[num_slots, width, in]`, `lora_b` `[num_slots,
+  width, out]` (B transposed); `token_slots` int32 `[num_tokens]`, slot 0 =
+  no adapter. The references gather each token's A and B and bmm; the
+  engine's own CPU path is a masked matmul pair over the slots in use
+  (`inference/lora/layers.py`).
+
 Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 `decode_attention.py` when `max_query_len == 1`, `prefill_attention.py`
 otherwise, which also takes decode rows in a mixed batch; `rmsnorm.py`,
-`rotary.py`, `activation.py` for the layer kernels; `moe.py`). CPU tensors run
+`rotary.py`, `activation.py` for the layer kernels; `moe.py`; `lora.py`). CPU tensors run
 the C++ CPU kernels (`cpu_ops.py`, `cpu/*.cpp`: store, attention, norms,
 rotary, SiLU-mul; `cpu_linear.py` runs the float32 linear layers on them
 too) where they build, and the torch references in `reference.py` otherwise,
@@ -138,7 +148,8 @@ from kernels._checks import prefill_tuning_lengths
 
 __all__ = [
     "apply_rotary_embedding", "decode_workspace_numel", "fused_add_rms_norm", "paged_attention", "rms_norm",
-    "fused_moe", "prefill_autotunes", "prefill_tuning_lengths", "silu_and_mul", "store_kv",
+    "fused_moe", "lora_expand", "lora_shrink", "prefill_autotunes", "prefill_tuning_lengths", "silu_and_mul",
+    "store_kv",
 ]
 
 INTERPRET_ENV = "PAGEDINFER_TRITON_INTERPRET"
@@ -290,3 +301,16 @@ def fused_moe(
     if not _use_triton(hidden_states.device):
         return reference.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
     return _import_kernel("moe", hidden_states.device).fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    if not _use_triton(x.device):
+        return reference.lora_shrink(x, lora_a, token_slots, out)
+    return _import_kernel("lora", x.device).lora_shrink(x, lora_a, token_slots, out)
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
+    if not _use_triton(y.device):
+        return reference.lora_expand(y, lora_b, token_slots, out)
+    _import_kernel("lora", y.device).lora_expand(y, lora_b, token_slots, out)

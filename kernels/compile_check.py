@@ -44,6 +44,7 @@ import kernels._launch as launch_mod
 import kernels.activation as activation_mod
 import kernels.decode_attention as decode_mod
 import kernels.kv_store as store_mod
+import kernels.lora as lora_mod
 import kernels.moe as moe_mod
 import kernels.prefill_attention as prefill_mod
 import kernels.rmsnorm as rmsnorm_mod
@@ -69,7 +70,8 @@ def _captured_launches(launches: list[tuple[Any, tuple, dict]]) -> Iterator[None
     kernels = (store_mod._store_kv_kernel, decode_mod._decode_attention_kernel,
                decode_mod._combine_splits_kernel, prefill_mod._prefill_attention_kernel,
                rmsnorm_mod._rms_norm_kernel, rotary_mod._rotary_embedding_kernel,
-               activation_mod._silu_and_mul_kernel, moe_mod._moe_gate_up_kernel, moe_mod._moe_down_kernel)
+               activation_mod._silu_and_mul_kernel, moe_mod._moe_gate_up_kernel, moe_mod._moe_down_kernel,
+               lora_mod._lora_shrink_kernel, lora_mod._lora_expand_kernel)
     launch_mod.dot_dtype = lambda dtype, device: saved[(launch_mod, "dot_dtype")](dtype, _CUDA)
     launch_mod.GEOMETRIES.clear()  # their dot dtypes were the CPU's
     moe_mod.dot_dtype = lambda dtype, device: saved[(moe_mod, "dot_dtype")](dtype, _CUDA)
@@ -139,6 +141,7 @@ def _launch_all_configs(launches: list[tuple[Any, tuple, dict]], edges: bool) ->
             _launch_prefill_configs(cache, kv_heads * group, head_dim, dtype)
         _launch_prefill_configs(torch.zeros(4, 16, 2, 256, dtype=torch.bfloat16), 8, 256, torch.bfloat16)
         _launch_layer_kernels()
+        _launch_lora_kernels((torch.bfloat16, torch.float16, torch.float32) if edges else (torch.bfloat16,))
         _launch_moe_kernels((torch.bfloat16, torch.float16, torch.float32) if edges else (torch.bfloat16,
                                                                                            torch.float16))
 
@@ -168,6 +171,18 @@ def _launch_moe_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
             ids = torch.arange(num_tokens * top_k).view(num_tokens, top_k) % num_experts
             moe_mod.fused_moe(torch.zeros(num_tokens, hidden, dtype=dtype), w13, w2,
                               torch.zeros(num_tokens, top_k), ids)
+
+
+def _launch_lora_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
+    """LoRA shrink and expand on Llama-3-8B's fused qkv (4096 -> 6144) and down (14336 -> 4096): widths
+    3 x 64, 1 x 8 and 3 x 256 (the expand's whole-width tile, from a rank-8 single part to the widest fused one)."""
+    for dtype in dtypes:
+        for in_features, out_features, width in ((4096, 6144, 192), (14336, 4096, 8), (4096, 6144, 768)):
+            x = torch.zeros(4, in_features, dtype=dtype)
+            slots = torch.zeros(4, dtype=torch.int32)
+            y = lora_mod.lora_shrink(x, torch.zeros(3, width, in_features, dtype=dtype), slots)
+            lora_mod.lora_expand(y, torch.zeros(out_features, 3, width, dtype=dtype).permute(1, 2, 0), slots,
+                                 torch.zeros(4, out_features, dtype=dtype))
 
 
 def _launch_layer_kernels() -> None:

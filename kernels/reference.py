@@ -214,3 +214,19 @@ def fused_moe(
         expert_out = F.linear(F.silu(gate) * up, w2[expert])
         out.index_add_(0, token, (expert_out * topk_weights[token, slot, None]).to(out.dtype))
     return out
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token, its slot's A times its row, in float32: `[num_tokens, width]` (see kernels/lora.py)."""
+    a = lora_a.index_select(0, token_slots.long()).float()  # [num_tokens, width, in_features]
+    y = torch.bmm(a, x.float()[:, :, None])[:, :, 0]
+    return y if out is None else out.copy_(y)
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] += y[t] times its slot's B (stored transposed), rounded once; rows of slot 0 untouched."""
+    rows = (token_slots != 0).nonzero()[:, 0]
+    b = lora_b.index_select(0, token_slots[rows].long()).float()  # [rows, width, out_features]
+    delta = torch.bmm(y[rows].float()[:, None, :], b)[:, 0, :]
+    out[rows] = (out[rows].float() + delta).to(out.dtype)

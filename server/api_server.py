@@ -28,6 +28,7 @@ import uvicorn
 from inference.async_engine import SpawnedCore
 from inference.startup_phases import process_started_at
 from server.app import create_app
+from server.lora_routes import runtime_updating_from_env
 from server.state import ServerSettings, ServerState
 from server.tracing_config import tracing_endpoint
 
@@ -116,6 +117,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         started_at=process_started_at(),
         tracing=tracing_endpoint(args.otlp_traces_endpoint) is not None,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating or runtime_updating_from_env(),
     )
 
 

@@ -29,6 +29,7 @@ from server.console_stats import StatsHistory
 from server.errors import install_error_handlers
 from server.metrics import EngineMetrics
 from server.middleware import ApiKeyAuth, BodySizeLimit
+from server.lora_routes import lora_router
 from server.routes import router
 from server.state import ServerSettings, ServerState
 
@@ -112,6 +113,7 @@ def create_app(settings: ServerSettings, core: SpawnedCore | Callable[[], Engine
     app.state.server = state
     app.state.metrics_registry = metrics.registry
     app.include_router(router)
+    app.include_router(lora_router)
     if settings.enable_console:
         app.state.console_stats = console_stats
         app.include_router(console_router)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from server.lora_args import add_lora_args, lora_config_from_args
+
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
@@ -42,6 +44,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="block hash: sha256_cbor is vLLM's, which routers recompute (share PYTHONHASHSEED across "
              "the fleet); sha256 is pagedinfer's older, cheaper one",
     )
+    add_lora_args(parser)
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -63,6 +66,7 @@ def engine_config_from_args(args: argparse.Namespace):
         tensor_parallel_size=args.tensor_parallel_size,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
         kv_events=_kv_events_config(args),
+        lora=lora_config_from_args(args),
     )
 
 
@@ -87,6 +91,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         problem = check_tracing(endpoint)
         if problem is not None:
             return f"argument --otlp-traces-endpoint: {problem}"
+    try:
+        lora_config_from_args(args)
+    except ValueError as exc:
+        return str(exc)
     try:
         config = _kv_events_config(args)
     except ValueError as exc:
@@ -235,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-compat", choices=["none", "vllm"], default="none")
     serve.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
     serve.add_argument("--disable-console", action="store_true", help="no web console at / and no /debug/*")
+    serve.add_argument(
+        "--allow-runtime-lora-updating", action="store_true",
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (as VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+    )
     serve.add_argument(
         "--kv-events-config", default=None, metavar="JSON",
         help='publish KV-cache events for routers, vLLM\'s JSON: {"enable_kv_cache_events": true, '

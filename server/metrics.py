@@ -15,7 +15,9 @@ the same values are exported a second time under vLLM's names, and
 vLLM's label names and value format: `block_size`, `num_gpu_blocks` (the
 engine's KV blocks, on whatever device), `enable_prefix_caching`,
 `prefix_caching_hash_algo` and `engine` ("0"); like vLLM's, it carries no
-`model_name`. It appears once the model is loaded.
+`model_name`. It appears once the model is loaded. With --enable-lora,
+`server/lora_metrics.py` adds vLLM's `vllm:lora_requests_info` and
+per-adapter request gauges.
 
 What counts as what:
 - the histograms observe once per request (the prompt given to the engine;
@@ -46,6 +48,8 @@ from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector
 
 from server.histogram import Histogram
+
+from server.lora_metrics import LoRAMetrics
 
 if TYPE_CHECKING:
     from inference.engine import EngineStats
@@ -124,6 +128,7 @@ class EngineMetrics(Collector):
         # request id -> time of its last step with new tokens
         self._last_token_time: dict[str, float] = {}
         self.trace_ids: dict[str, str] = {}  # engine request id -> trace id, while traced requests run
+        self._lora = LoRAMetrics(self.model_name)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -178,6 +183,9 @@ class EngineMetrics(Collector):
             free_blocks=stats.num_free_blocks,
             total_blocks=stats.num_total_blocks,
         )
+        engine = self.state.engine
+        if engine is not None and engine.config is not None and engine.config.lora is not None:
+            self._lora.record(stats, engine.config.lora.max_loras)
 
     def totals(self) -> dict[str, float]:
         """Gauges and running totals now, for the console's stats history."""
@@ -231,6 +239,7 @@ class EngineMetrics(Collector):
         if self.vllm_names:
             yield from self._cache_config_info()
         yield from self._startup()
+        yield from self._lora.collect()
         for key, spec in HISTOGRAMS.items():
             buckets, total = histograms[key]
             for name in self._names(spec):

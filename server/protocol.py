@@ -288,6 +288,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "pagedinfer"
     root: str
+    parent: str | None = _omitted()  # a LoRA adapter's base model
     max_model_len: int | None = _omitted()
 
 

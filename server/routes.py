@@ -92,7 +92,9 @@ async def list_models(request: Request) -> ModelList:
     config = state.engine.config if state.engine is not None else None  # None until loaded
     card = ModelCard(id=name, created=state.started, root=config.model if config else name,
                      max_model_len=config.max_model_len if config else None)
-    return ModelList(data=[card])
+    adapters = state.engine.lora.adapters.values() if state.engine is not None else ()
+    loras = [ModelCard(id=a.name, created=state.started, root=a.path, parent=a.parent or name) for a in adapters]
+    return ModelList(data=[card, *loras])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,

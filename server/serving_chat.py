@@ -44,6 +44,7 @@ from server.serving_common import (
     collect_final,
     finish_reason,
     merge_streams,
+    response_model,
     sse,
     stop_reason,
     until_disconnected,
@@ -129,7 +130,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_requests(engine, request_id, [(prompt.token_ids, prompt.params)], request, arrival_time, trace)
     created = int(time.time())
-    model = state.settings.served_model_name
+    model = response_model(state, request.model)
     if request.stream:
         return StreamingResponse(sse(_stream(request, streams, request_id, created, model, new_reply)),
                                  media_type="text/event-stream")

@@ -64,8 +64,19 @@ def admit(state: ServerState, model: str | None) -> AsyncLLM:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.settings.served_model_name:
+    """404 unless `model` is the served model or one of its LoRA adapters."""
+    if model is not None and model != state.settings.served_model_name and lora_name(state.engine, model) is None:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def lora_name(engine: AsyncLLM | None, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names, or None for the base model."""
+    return model if engine is not None and model in engine.lora.adapters else None
+
+
+def response_model(state: ServerState, model: str | None) -> str:
+    """The `model` a response reports: the adapter's name, or the served model's."""
+    return lora_name(state.engine, model) or state.settings.served_model_name
 
 
 def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str) -> int:
@@ -133,6 +144,7 @@ async def add_requests(
             stream = await engine.add_request(
                 engine_request_id, token_ids, params,
                 priority=request.priority, arrival_time=arrival_time, cache_salt=request.cache_salt,
+                lora_name=lora_name(engine, request.model),
             )
             streams.append(stream if trace is None else trace.wrap(len(streams), stream))
     except BaseException as exc:

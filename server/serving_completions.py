@@ -32,6 +32,7 @@ from server.serving_common import (
     collect_final,
     finish_reason,
     merge_streams,
+    response_model,
     sse,
     stop_reason,
     until_disconnected,
@@ -135,7 +136,7 @@ async def create_completion(state: ServerState, request: CompletionRequest, raw_
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_requests(engine, request_id, engine_inputs, request, arrival_time, trace)
     created = int(time.time())
-    model = state.settings.served_model_name
+    model = response_model(state, request.model)
     if request.stream:
         chunks = _stream(request, prompts, streams, request_id, created, model)
         return StreamingResponse(sse(chunks), media_type="text/event-stream")

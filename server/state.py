@@ -35,6 +35,7 @@ class ServerSettings:
     otlp_traces_endpoint: str | None = None  # the flag's URL; None lets the SDK read OTEL_* variables
     model: str | None = None  # the model folder when known before the core loads it (its tokenizer loads meanwhile)
     started_at: float = field(default_factory=time.time)  # when `serve` started, for the start-up phases
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, compare, overhead, serve, soak, throughput  # noqa: E402
+from bench import common, compare, lora, overhead, serve, soak, throughput  # noqa: E402
 from bench.peers import servers  # noqa: E402
 
 
@@ -91,6 +91,21 @@ def test_throughput_both_backends(tiny_folder, tmp_path):
         result = report["results"][f"{backend}/float32"]
         assert result["output_tokens"] == 12 and result["output_tok_per_s"] > 0
     assert report["ratio_output_tok_s"]["float32"] > 0
+
+
+def test_lora_bench_base_and_adapters(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "lora.json"
+    code = lora.main([
+        "--model", str(tiny_folder), "--adapters", "0,1,3", "--rank", "4", "--max-loras", "2", "--num-prompts", "6",
+        "--max-input-len", "16", "--max-tokens", "3", "--batch", "4", "--steps", "2", "--step-adapters", "2",
+        "--kv-cache-memory", str(16 << 20), "--out", str(out),
+    ])
+    report = json.loads(out.read_text())
+    assert code == 0
+    assert [r["adapters"] for r in report["throughput"]] == [0, 1, 3]
+    assert all(r["generated_tokens"] == 18 for r in report["throughput"])
+    assert report["throughput"][2]["swaps_in"] >= 3  # three adapters through two slots
+    assert report["step"]["lora_ms"] > 0 and "paired ratios" in capsys.readouterr().out
 
 
 @pytest.mark.slow

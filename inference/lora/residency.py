@@ -1,0 +1,128 @@
+"""Where each registered adapter lives: device slot, host memory, or disk.
+
+    register(name, path)   read and check the folder now (a bad one fails here)
+    request_slots(names)   give every adapter of this step a device slot; each request's slot
+    set_token_slots(...)   tell the wrapped linears which slot each token reads
+    unregister(name)       forget it (the caller checks nothing still uses it)
+
+Invariants:
+- `max_loras` device slots, numbered 1..max_loras (slot 0 is "no adapter").
+  `activate` is never asked for more distinct adapters than that in one step
+  (the scheduler's limit); a missing one takes the least recently used slot
+  not needed by this step.
+- At most `max_cpu_loras` adapters keep their tensors in host memory, least
+  recently used out first; an evicted one is read from its folder again when
+  next needed. Registration keeps the freshly read one.
+- Every registered adapter has a distinct `lora_id` >= 1, never reused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.lora.adapter import LoRAAdapter, LoRAError, load_adapter
+from inference.lora.config import LoRAConfig
+from inference.lora.layers import wrap_model
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAInUseError(RuntimeError):
+    """An adapter cannot be unloaded while requests still use it."""
+
+
+@dataclass(slots=True)
+class RegisteredLoRA:
+    name: str
+    path: str
+    lora_id: int
+
+
+class LoRAResidency:
+    def __init__(self, model: nn.Module, hf_config, config: LoRAConfig) -> None:
+        """Wrap the loaded `model`'s linears with `max_loras` adapter slots."""
+        self.hf_config = hf_config
+        self.batch, self.wrapped = wrap_model(model, config.max_loras + 1, config.max_lora_rank)
+        self.max_lora_rank = config.max_lora_rank
+        self.max_cpu_loras = config.max_cpu_loras
+        self.registered: dict[str, RegisteredLoRA] = {}
+        self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
+        self.slots: OrderedDict[str, int] = OrderedDict()  # resident name -> slot, least recently used first
+        self.free_slots = list(range(config.max_loras, 0, -1))
+        self._ids = itertools.count(1)
+        self.num_loads_from_disk = 0
+        self.num_swaps_in = 0
+
+    def register(self, name: str, path: str) -> RegisteredLoRA:
+        if name in self.registered:
+            raise LoRAError(f"The lora adapter '{name}' has already been loaded.")
+        adapter = load_adapter(name, path, self.hf_config, self.max_lora_rank)
+        entry = RegisteredLoRA(name, path, next(self._ids))
+        self.registered[name] = entry
+        self._keep_on_host(adapter)
+        return entry
+
+    def unregister(self, name: str) -> None:
+        self.registered.pop(name)
+        self.host.pop(name, None)
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            for linear in self.wrapped:
+                linear.set_slot(slot, None)
+                linear.repack()
+            self.free_slots.append(slot)
+
+    def request_slots(self, names: list[str | None]) -> np.ndarray:
+        """The device slot of each request's adapter (0: none), swapping in what is missing."""
+        slots = self.activate({name for name in names if name is not None})
+        return np.fromiter((0 if name is None else slots[name] for name in names), np.int32, len(names))
+
+    def set_token_slots(self, device_slots: torch.Tensor, host_slots: np.ndarray) -> None:
+        """Point the wrapped linears at this step's per-token slots (host copy: the CPU path's segments)."""
+        self.batch.set(device_slots, host_slots)
+
+    def activate(self, names: set[str]) -> dict[str, int]:
+        """name -> device slot for each adapter of the step, swapping in what is missing."""
+        for name in names:
+            if name in self.slots:
+                self.slots.move_to_end(name)
+        missing = names - self.slots.keys()
+        for name in missing:
+            slot = self.free_slots.pop() if self.free_slots else self._evict_slot(names)
+            adapter = self._host_copy(name)
+            for linear in self.wrapped:
+                linear.set_slot(slot, adapter)
+            self.slots[name] = slot
+            self.num_swaps_in += 1
+        if missing:
+            for linear in self.wrapped:
+                linear.repack()
+        return {name: self.slots[name] for name in names}
+
+    def _evict_slot(self, needed: set[str]) -> int:
+        victim = next(name for name in self.slots if name not in needed)
+        return self.slots.pop(victim)
+
+    def _host_copy(self, name: str) -> LoRAAdapter:
+        adapter = self.host.get(name)
+        if adapter is not None:
+            self.host.move_to_end(name)
+            return adapter
+        entry = self.registered[name]
+        adapter = load_adapter(name, entry.path, self.hf_config, self.max_lora_rank)
+        self.num_loads_from_disk += 1
+        self._keep_on_host(adapter)
+        return adapter
+
+    def _keep_on_host(self, adapter: LoRAAdapter) -> None:
+        self.host[adapter.name] = adapter
+        while len(self.host) > self.max_cpu_loras:
+            evicted, _ = self.host.popitem(last=False)
+            logger.info("LoRA adapter %s leaves host memory (max_cpu_loras %d)", evicted, self.max_cpu_loras)
