@@ -72,10 +72,17 @@ MAX_MESSAGES_PER_READ = 64  # core messages handled before the streams get the e
 _TRANSFORMERS_IMPORT = threading.Lock()
 
 
+def import_transformers() -> None:
+    """Import what load_tokenizer needs (2 s, torch included), from any thread."""
+    with _TRANSFORMERS_IMPORT:
+        from transformers import AutoTokenizer  # noqa: F401
+
+
 def load_tokenizer(folder: str):
     """A model folder's tokenizer, from any thread."""
-    with _TRANSFORMERS_IMPORT:
-        from transformers import AutoTokenizer
+    import_transformers()
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(folder)
 
 

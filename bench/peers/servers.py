@@ -117,9 +117,11 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
         cwd: str | Path = REPO_ROOT,
+        poll_s: float = 0.5,
     ) -> None:
         self.command, self.ready_url, self.log_path = command, ready_url, Path(log_path)
         self.env, self.startup_timeout, self.cwd = env, startup_timeout, cwd
+        self.poll_s = poll_s  # how often /ready is asked: startup_s is late by up to this much
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
@@ -144,7 +146,7 @@ class ServerProcess:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(self.poll_s)
         self.stop()
         raise ServerError(f"not ready after {self.startup_timeout:.0f} s: {self.log_tail()}")
 
