@@ -7,9 +7,10 @@ One ZeroMQ message per engine step that changed the cache:
     frame 2  msgpack KVEventBatch: [ts, [event, ...], data_parallel_rank]
 
 Every struct is array-like (positional) and every event is tagged with its
-class name as the first element. Trailing fields at their defaults (None)
-are left off, which vLLM's own decoders accept (those fields have defaults),
-though msgspec's omit_defaults does not do it for array-like structs. A
+class name as the first element. Trailing optional fields that say nothing
+are left off, which vLLM's own decoders accept (those fields have defaults);
+msgspec's omit_defaults does not trim array-like structs, so a BlockStored
+whose blocks carry extra keys is a struct of its own, one field longer. A
 `BlockStored` is
 
     ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size,
@@ -48,7 +49,13 @@ MEDIUM = "GPU"
 DATA_PARALLEL_RANK = 0
 
 
-class KVCacheEventStruct(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+class EventBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int
+
+
+class KVCacheEventStruct(msgspec.Struct, array_like=True, gc=False, tag=True):
     """Base of the tagged events (the tag is the class name)."""
 
 
@@ -60,7 +67,12 @@ class BlockStored(KVCacheEventStruct):
     lora_id: int | None
     medium: str | None
     lora_name: str | None
-    extra_keys: list[tuple[Any, ...] | None] | None = None
+
+
+class BlockStoredWithExtraKeys(BlockStored, tag="BlockStored"):
+    """A BlockStored whose blocks carry extra keys: the same event, one field longer."""
+
+    extra_keys: list[tuple[Any, ...] | None]
 
 
 class BlockRemoved(KVCacheEventStruct):
@@ -79,34 +91,19 @@ def external_hash(block_hash: bytes) -> int:
 def to_wire(event: KVCacheEvent, block_size: int) -> BlockStored | BlockRemoved | AllBlocksCleared:
     if isinstance(event, BlocksStored):
         first = event.first_block_index
+        fields = ([external_hash(h) for h in event.block_hashes],
+                  None if event.parent_block_hash is None else external_hash(event.parent_block_hash),
+                  event.token_ids, block_size, event.lora_id, MEDIUM, event.lora_name)
         extra_keys = [block_extra_keys(first + i, event.cache_salt, event.lora_name)
                       for i in range(len(event.block_hashes))]
-        return BlockStored(
-            block_hashes=[external_hash(h) for h in event.block_hashes],
-            parent_block_hash=None if event.parent_block_hash is None else external_hash(event.parent_block_hash),
-            token_ids=event.token_ids,
-            block_size=block_size,
-            lora_id=event.lora_id,
-            medium=MEDIUM,
-            lora_name=event.lora_name,
-            extra_keys=extra_keys if any(keys is not None for keys in extra_keys) else None,
-        )
+        if any(keys is not None for keys in extra_keys):
+            return BlockStoredWithExtraKeys(*fields, extra_keys)
+        return BlockStored(*fields)
     if isinstance(event, BlocksRemoved):
-        return BlockRemoved(block_hashes=[external_hash(h) for h in event.block_hashes], medium=MEDIUM)
+        return BlockRemoved([external_hash(h) for h in event.block_hashes], MEDIUM)
     return AllBlocksCleared()
-
-
-def _positional(event: KVCacheEventStruct) -> list[Any]:
-    """The event as an array-like struct encodes, less its trailing fields at their defaults."""
-    values = [type(event).__struct_config__.tag, *msgspec.structs.astuple(event)]
-    num_values = len(values)
-    for field in reversed(msgspec.structs.fields(event)):
-        if field.default is msgspec.NODEFAULT or values[num_values - 1] != field.default:
-            break
-        num_values -= 1
-    return values[:num_values]
 
 
 def encode_batch(encoder: msgspec.msgpack.Encoder, ts: float, events: list[KVCacheEvent], block_size: int) -> bytes:
     """One KVEventBatch payload: [ts, [event, ...], data_parallel_rank]."""
-    return encoder.encode((ts, [_positional(to_wire(e, block_size)) for e in events], DATA_PARALLEL_RANK))
+    return encoder.encode(EventBatch(ts, [to_wire(e, block_size) for e in events], DATA_PARALLEL_RANK))
