@@ -41,15 +41,18 @@ class RequestSpan:
     trace_ids: dict[str, str]  # engine request id -> trace id, shared with the metrics' exemplars
     request_id: str | None = None
     params: SamplingParams | None = None
+    lora: str | None = None  # the LoRA adapter the request asked for by its `model`
     engine_request_ids: list[str] = field(default_factory=list)
     latest: dict[int, RequestOutput] = field(default_factory=dict)  # by prompt index
     failure: str | None = None  # why the engine failed the request
     ended: bool = False
 
-    def added(self, request_id: str, engine_request_ids: list[str], params: SamplingParams) -> None:
-        """The request's prompts went to the engine under these ids."""
+    def added(self, request_id: str, engine_request_ids: list[str], params: SamplingParams,
+              lora: str | None) -> None:
+        """The request's prompts went to the engine under these ids (with adapter `lora`)."""
         self.request_id = request_id
         self.params = params
+        self.lora = lora
         context = self.span.get_span_context()
         if not context.trace_flags.sampled:
             return  # never exported: an exemplar naming its trace would lead nowhere
@@ -103,7 +106,10 @@ class RequestSpan:
         self.span.end()
 
     def _attributes(self) -> dict[str, Any]:
-        attributes: dict[str, Any] = {"gen_ai.response.model": self.model_name}
+        # The response's `model`: the adapter's name for a LoRA request, as the response says.
+        attributes: dict[str, Any] = {"gen_ai.response.model": self.lora or self.model_name}
+        if self.lora is not None:
+            attributes["pagedinfer.lora.name"] = self.lora
         if self.request_id is not None:
             attributes["gen_ai.request.id"] = self.request_id
         params = self.params

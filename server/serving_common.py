@@ -41,7 +41,8 @@ _json = msgspec.json.Encoder()
 class Trace(Protocol):
     """What the serving code tells a request's trace span (server/request_span.py)."""
 
-    def added(self, request_id: str, engine_request_ids: list[str], params: SamplingParams) -> None: ...
+    def added(self, request_id: str, engine_request_ids: list[str], params: SamplingParams,
+              lora: str | None) -> None: ...
 
     def wrap(self, index: int, stream: RequestStream) -> RequestStream: ...
 
@@ -136,15 +137,16 @@ async def add_requests(
     """Hand every prompt to the engine; all or none are added. With a
     trace, the streams pass their outputs through its span."""
     engine_request_ids = [f"{request_id}-{index}" for index in range(len(prompts))]
+    lora = lora_name(engine, request.model)
     if trace is not None:  # before the adds: the first step's metrics look for the trace id
-        trace.added(request_id, engine_request_ids, prompts[0][1])
+        trace.added(request_id, engine_request_ids, prompts[0][1], lora)
     streams: list[RequestStream] = []
     try:
         for engine_request_id, (token_ids, params) in zip(engine_request_ids, prompts):
             stream = await engine.add_request(
                 engine_request_id, token_ids, params,
                 priority=request.priority, arrival_time=arrival_time, cache_salt=request.cache_salt,
-                lora_name=lora_name(engine, request.model),
+                lora_name=lora,
             )
             streams.append(stream if trace is None else trace.wrap(len(streams), stream))
     except BaseException as exc:

@@ -62,3 +62,25 @@ def test_tracing_off_imports_no_opentelemetry_sdk():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("lora", [None, "sql-adapter"])
+def test_a_lora_request_names_its_adapter_in_the_span(lora):
+    """The span's response model is what the response says: the adapter's name for a LoRA request."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from inference.sampling_params import SamplingParams
+    from server.request_span import RequestSpan
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = RequestSpan(provider.get_tracer("test").start_span("llm_request"), "base-model", {})
+    span.added("cmpl-1", ["cmpl-1-0"], SamplingParams(max_tokens=4), lora)
+    span.end()
+    [finished] = exporter.get_finished_spans()
+    assert finished.attributes["gen_ai.response.model"] == (lora or "base-model")
+    assert finished.attributes.get("pagedinfer.lora.name") == lora
+    assert finished.attributes["gen_ai.request.max_tokens"] == 4
