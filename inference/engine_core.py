@@ -17,15 +17,11 @@ the caller's side. That keeps the core free to run in its own process
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from inference.block_manager import BlockManager
 from inference.config import EngineConfig
@@ -33,10 +29,8 @@ from inference.core_protocol import (
     AddRequest, EngineStats, KVSnapshot, LoadLoRAAdapter, LoRAAdapterReply, SampleOutput, StepOutputs,
     UnloadLoRAAdapter, check_request, sample_request_id,
 )
+from inference.core_startup import eos_token_ids, memory_plan, start_runner
 from inference.kv_snapshot import take_kv_snapshot
-from inference.memory_plan import MemoryPlan, plan, weight_bytes
-from inference.model_runner import ModelRunner
-from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler
 from inference.startup_phases import StartupPhases
@@ -57,74 +51,6 @@ class StepError(RuntimeError):
         self.request_ids = request_ids
 
 
-def _tokenizer_eos_id(folder: str) -> int | None:
-    """The tokenizer's EOS id, from its tokenizer.json by the `tokenizers`
-    library when the folder has one (0.05 s), else by AutoTokenizer (0.5 s
-    of every start-up, spent only to learn one id)."""
-    path = Path(folder)
-    try:
-        eos = json.loads((path / "tokenizer_config.json").read_text()).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str) and (path / "tokenizer.json").is_file():
-            found = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id(eos)
-            if found is not None:
-                return found
-    except (OSError, ValueError):
-        pass
-    return AutoTokenizer.from_pretrained(folder).eos_token_id
-
-
-def _eos_token_ids(folder: str) -> tuple[int, ...]:
-    ids: set[int] = set()
-    try:
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-    except OSError:
-        eos = None
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    tokenizer_eos = _tokenizer_eos_id(folder)
-    if tokenizer_eos is not None:
-        ids.add(tokenizer_eos)
-    return tuple(sorted(ids))
-
-
-def _memory_plan(config: EngineConfig, hf_config) -> MemoryPlan | None:
-    """The plan `pagedinfer plan` prints, made before loading: a model whose
-    weights alone exceed the GPU's share stops here, saying by how much, not
-    with an out-of-memory error halfway through loading. None where the plan
-    cannot be made (its activation estimate is above a budget the engine
-    will measure for itself)."""
-    device_memory = torch.cuda.mem_get_info()[1] if config.device == "cuda" else None
-    try:
-        return plan(hf_config, dtype=config.dtype, device=config.device, block_size=config.block_size,
-                    max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                    max_num_batched_tokens=config.max_num_batched_tokens,
-                    tensor_parallel_size=config.tensor_parallel_size, num_kv_blocks=config.num_kv_blocks,
-                    kv_cache_memory=config.kv_cache_memory, device_memory=device_memory,
-                    gpu_memory_utilization=config.gpu_memory_utilization or 1.0)
-    except ValueError as exc:
-        weights = weight_bytes(hf_config, getattr(torch, config.dtype), config.device, config.tensor_parallel_size)
-        if device_memory is not None and weights > device_memory * (config.gpu_memory_utilization or 1.0):
-            raise ValueError(f"memory plan: {exc}") from None
-        logger.warning("memory plan: %s", exc)
-        return None
-
-
-def _start_runner(config: EngineConfig, hf_config) -> ModelRunner:
-    """Rank 0's runner, with ranks 1..N-1 started and joined first under tensor parallelism."""
-    if config.tensor_parallel_size == 1:
-        return ModelRunner(config, hf_config)
-    workers = TensorParallelWorkers(config)
-    try:
-        return ModelRunner(config, hf_config, workers)
-    except BaseException as exc:
-        # A rank's own error says more than the collective that failed after it.
-        failure = workers.wait_failure(FAILURE_REPORT_S)
-        workers.stop()
-        if failure is None:
-            raise
-        raise RuntimeError(failure) from exc
-
-
 def _count_loras(requests: list[Request]) -> dict[str, int]:
     """Requests (samples included) per LoRA adapter, in first-seen order."""
     counts: dict[str, int] = {}
@@ -143,9 +69,9 @@ class EngineCore:
             self.hf_config = AutoConfig.from_pretrained(config.model)
         self.vocab_size = self.hf_config.vocab_size
         with self.startup.phase("tokenizer"):
-            self.eos_token_ids = _eos_token_ids(config.model)
-        planned = _memory_plan(config, self.hf_config)
-        self.runner = _start_runner(config, self.hf_config)
+            self.eos_token_ids = eos_token_ids(config.model)
+        planned = memory_plan(config, self.hf_config)
+        self.runner = start_runner(config, self.hf_config)
         if planned is not None:
             runner = self.runner
             logger.info("memory plan: weights %d bytes per rank planned, %d measured; KV blocks %d planned, %d "

@@ -25,7 +25,7 @@ from types import FrameType
 
 import uvicorn
 
-from inference.async_engine import SpawnedCore
+from inference.core_spawn import SpawnedCore
 from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.lora_routes import runtime_updating_from_env

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
-from inference.async_engine import AsyncLLM, SpawnedCore, load_tokenizer
+from inference.async_engine import AsyncLLM
+from inference.core_spawn import SpawnedCore, load_tokenizer
 from inference.request_stream import EngineDeadError
 from inference.startup_phases import StartupPhases
 from server.console_routes import STATIC_DIR, console_router

@@ -189,7 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
     import functools
     import threading
 
-    from inference.async_engine import import_transformers, spawn_core
+    from inference.core_spawn import import_transformers, spawn_core
 
     # The core first: it imports torch and loads the model while this
     # process imports the server stack. The core process gets the factory
