@@ -283,11 +283,17 @@ class EngineCore:
             kv_cache_bytes=self.runner.kv_cache_bytes,
             rank_memory_bytes=self.runner.rank_memory_bytes,
             num_kv_events_dropped=self.kv_events.num_dropped_events if self.kv_events is not None else 0,
-            running_lora_adapters=_count_loras(self.scheduler.running),
-            waiting_lora_adapters=_count_loras(
-                [e.request for e in self.scheduler.waiting] + list(self.scheduler.waiting_for_grammar.values())
-            ),
+            **self._lora_counts(),
         )
+
+    def _lora_counts(self) -> dict[str, dict[str, int]]:
+        """Requests per adapter, running and waiting; nothing (and no walk over the queue) without LoRA:
+        stats() runs after every step."""
+        if self.config.lora is None:
+            return {}
+        waiting = [e.request for e in self.scheduler.waiting] + list(self.scheduler.waiting_for_grammar.values())
+        return {"running_lora_adapters": _count_loras(self.scheduler.running),
+                "waiting_lora_adapters": _count_loras(waiting)}
 
     def kv_snapshot(self) -> KVSnapshot:
         """The KV cache's blocks and their holders; call it between steps."""
