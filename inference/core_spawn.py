@@ -6,11 +6,12 @@ sockets the core connects to; ZeroMQ retries the core's connects until then.
 Tokenizers load on threads while the core loads the model.
 
 Invariants: nothing here imports torch at import time; `load_tokenizer` and
-`import_transformers` are safe from any thread.
+`tokenizer_class` are safe from any thread.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import tempfile
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inference.core_process import run_engine_core
@@ -32,19 +34,44 @@ if TYPE_CHECKING:
 # engine's and the server's tokenizers load on two threads at once.
 _TRANSFORMERS_IMPORT = threading.Lock()
 
+# Model types for which AutoTokenizer, on a folder whose tokenizer_config.json
+# names "TokenizersBackend" (what transformers 5 saves for a fast tokenizer),
+# builds exactly that class. AutoTokenizer first loads the model's config to
+# decide, which imports torch and torch.distributed (3-4 s of a CPU start-up);
+# the class alone imports neither. tests/test_tokenizer_loading.py checks each
+# type against AutoTokenizer. Others (qwen2's hub class is overridden, for
+# one) go through AutoTokenizer.
+_BACKEND_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen3", "qwen3_moe"})
 
-def import_transformers() -> None:
-    """Import what load_tokenizer needs (2 s, torch included), from any thread."""
+
+def _names_tokenizers_backend(folder: str) -> bool:
+    path = Path(folder)
+    try:
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False  # AutoTokenizer then says what is wrong
+    return (tokenizer_config.get("tokenizer_class") == "TokenizersBackend" and "auto_map" not in tokenizer_config
+            and model_type in _BACKEND_MODEL_TYPES and (path / "tokenizer.json").is_file())
+
+
+def tokenizer_class(folder: str) -> type:
+    """The class that loads `folder`'s tokenizer, imported from any thread:
+    the tokenizer's own class where AutoTokenizer would build it anyway (0.7 s,
+    no torch), else AutoTokenizer (2-3 s, torch included)."""
     with _TRANSFORMERS_IMPORT:
-        from transformers import AutoTokenizer  # noqa: F401
+        if _names_tokenizers_backend(folder):
+            from transformers import TokenizersBackend
+
+            return TokenizersBackend
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer
 
 
 def load_tokenizer(folder: str):
-    """A model folder's tokenizer, from any thread."""
-    import_transformers()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    """A model folder's tokenizer, as AutoTokenizer gives it, from any thread."""
+    return tokenizer_class(folder).from_pretrained(folder)
 
 
 @dataclass(slots=True)

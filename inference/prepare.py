@@ -41,6 +41,14 @@ def default_model_dir() -> Path:
     return pagedinfer_home() / "models" / DEFAULT_MODEL_NAME
 
 
+def known_model_dir(model: str | None) -> str | None:
+    """The model folder, if it exists before the core starts (a default model may still need preparing)."""
+    if model:
+        return model
+    folder = default_model_dir()
+    return str(folder) if (folder / "config.json").exists() else None
+
+
 def check_model_dir(path: Path) -> list[str]:
     """Return the problems with a prepared folder; an empty list means usable."""
     problems = [f"missing {name}" for name in REQUIRED_FILES if not (path / name).is_file()]

@@ -26,6 +26,7 @@ from types import FrameType
 import uvicorn
 
 from inference.core_spawn import SpawnedCore
+from inference.prepare import default_model_dir, known_model_dir
 from inference.startup_phases import process_started_at
 from server.app import create_app
 from server.lora_routes import runtime_updating_from_env
@@ -88,19 +89,7 @@ class DrainingServer(uvicorn.Server):
 def _served_model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
-    from inference.prepare import default_model_dir
-
     return Path(args.model).name if args.model else default_model_dir().name
-
-
-def _tokenizer_folder(args: argparse.Namespace) -> str | None:
-    """The model folder, if it exists before the core starts (a default model may still need preparing)."""
-    if args.model:
-        return args.model
-    from inference.prepare import default_model_dir
-
-    folder = default_model_dir()
-    return str(folder) if (folder / "config.json").exists() else None
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -113,7 +102,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_prompts=args.log_prompts,
         metrics_compat=args.metrics_compat,
         enable_console=not args.disable_console,
-        model=_tokenizer_folder(args),
+        model=known_model_dir(args.model),
         started_at=process_started_at(),
         tracing=tracing_endpoint(args.otlp_traces_endpoint) is not None,
         otlp_traces_endpoint=args.otlp_traces_endpoint,

@@ -189,7 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
     import functools
     import threading
 
-    from inference.core_spawn import import_transformers, spawn_core
+    from inference.core_spawn import spawn_core, tokenizer_class
+    from inference.prepare import known_model_dir
 
     # The core first: it imports torch and loads the model while this
     # process imports the server stack. The core process gets the factory
@@ -197,9 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
     # live in __main__.
     engine_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
     core = spawn_core(functools.partial(build_core, engine_args))
-    # The tokenizers' import (torch comes with it) starts now too, beside the
-    # server stack's: the front end's longest part of a start.
-    threading.Thread(target=import_transformers, name="import-transformers", daemon=True).start()
+    # The tokenizer's import starts now too, beside the server stack's (the
+    # app loads the tokenizer itself once its stack is in).
+    folder = known_model_dir(args.model)
+    if folder is not None:
+        threading.Thread(target=tokenizer_class, args=(folder,), name="import-tokenizer", daemon=True).start()
     from server.api_server import run_server
 
     return run_server(args, core)
