@@ -50,6 +50,11 @@ class EngineConfig:
     # eagerly (the tests' way to check padding). create() picks False on CUDA
     # and True on the CPU unless told.
     enforce_eager: bool = False
+    # The decode batch sizes captured (inference/cuda_graphs.py), vLLM's
+    # options: an explicit list, and the largest one; None: the default ladder
+    # up to max_num_seqs. Each is a capture at start-up.
+    max_cudagraph_capture_size: int | None = None
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
     load_format: str = "safetensors"  # one of LOAD_FORMATS
     # Ranks the model is split across (inference/parallel/): one process and,
     # on CUDA, one GPU each. kv_cache_memory is then per rank.
@@ -77,6 +82,8 @@ class EngineConfig:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         enforce_eager: bool | None = None,
+        max_cudagraph_capture_size: int | None = None,
+        cudagraph_capture_sizes: list[int] | tuple[int, ...] | None = None,
         load_format: str = "safetensors",
         tensor_parallel_size: int = 1,
         prefix_caching_hash_algo: str = "sha256_cbor",
@@ -131,6 +138,12 @@ class EngineConfig:
         max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 512)
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if max_cudagraph_capture_size is not None and max_cudagraph_capture_size < 1:
+            raise ValueError(f"max_cudagraph_capture_size must be >= 1, got {max_cudagraph_capture_size}")
+        if cudagraph_capture_sizes is not None:
+            cudagraph_capture_sizes = tuple(cudagraph_capture_sizes)
+            if not cudagraph_capture_sizes or min(cudagraph_capture_sizes) < 1:
+                raise ValueError(f"cudagraph_capture_sizes must be sizes >= 1, got {list(cudagraph_capture_sizes)}")
         if gpu_memory_utilization is not None and not on_gpu:
             raise ValueError("gpu_memory_utilization needs a GPU; on the CPU give kv_cache_memory or num_kv_blocks")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
@@ -158,6 +171,8 @@ class EngineConfig:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
+            max_cudagraph_capture_size=max_cudagraph_capture_size,
+            cudagraph_capture_sizes=cudagraph_capture_sizes,
             load_format=load_format,
             tensor_parallel_size=tensor_parallel_size,
             dtype_reason=dtype_reason,

@@ -3,7 +3,10 @@
 A decode step is small and its cost on a GPU is the host launching ~10
 kernels per layer; a CUDA graph replays all of them with one launch. A
 decode-only batch of n requests runs the graph of the smallest bucket >= n
-(buckets 1, 2, 4, 8, then every 16, and `max_num_seqs`); rows n..bucket-1
+(buckets 1, 2, 4, 8, then every 16, and `max_num_seqs`, or the sizes given
+by `cudagraph_capture_sizes`, up to `max_cudagraph_capture_size`: each
+bucket is one capture at start-up, so these bound its time; larger decode
+batches run eagerly); rows n..bucket-1
 are padding prepared by `StepBuffers` (scratch-block slots, `seq_len` 1,
 never sampled). Mixed and prefill steps stay eager.
 
@@ -38,17 +41,22 @@ from inference.step_buffers import StepBatch, StepBuffers
 logger = logging.getLogger(__name__)
 
 
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    """Batch sizes that get a graph: 1, 2, 4, 8, then every 16, and `max_num_seqs`."""
-    sizes = {b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16)) | {max_num_seqs}
-    return sorted(sizes)
+def decode_buckets(max_num_seqs: int, max_capture_size: int | None = None,
+                   capture_sizes: tuple[int, ...] | None = None) -> list[int]:
+    """Batch sizes that get a graph: `capture_sizes`, or by default 1, 2, 4, 8,
+    then every 16, and the largest; none over `max_capture_size` (default
+    `max_num_seqs`) or `max_num_seqs` (a batch never has more rows)."""
+    largest = min(max_capture_size or max_num_seqs, max_num_seqs)
+    if capture_sizes is None:
+        capture_sizes = (1, 2, 4, 8, *range(16, largest, 16), largest)
+    return sorted({size for size in capture_sizes if size <= largest})
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, buckets: list[int], max_model_len: int) -> None:
         self.model = model
         self.buffers = buffers
-        self.buckets = decode_buckets(max_num_seqs)
+        self.buckets = buckets
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -76,6 +84,11 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket on the current CUDA device; raise naming the
         bucket if one fails, so the engine never starts half-working."""
+        logger.info(
+            "capturing %d decode CUDA graphs (batch sizes %s); larger decode batches run eagerly "
+            "(--max-cudagraph-capture-size and --cudagraph-capture-sizes bound the count)",
+            len(self.buckets), ",".join(map(str, self.buckets)),
+        )
         start = time.perf_counter()
         free_before, _ = torch.cuda.mem_get_info()
         stream = torch.cuda.Stream()

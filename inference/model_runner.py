@@ -39,7 +39,7 @@ import kernels
 from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
 from inference.core_protocol import LogprobEntry
-from inference.cuda_graphs import DecodeGraphs
+from inference.cuda_graphs import DecodeGraphs, decode_buckets
 from inference.memory_plan import kv_block_bytes
 from inference.models import load_model
 from inference.parallel import group
@@ -142,12 +142,16 @@ class ModelRunner:
         )
         self.graphs = None
         if not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.buffers, config.max_num_seqs, config.max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.buffers, self._decode_buckets(), config.max_model_len)
             if self.device.type == "cuda":
                 with phase("graph_capture"):
                     self.graphs.capture()
         # Every rank's weights and KV cache (and, on CUDA, all it allocated), by rank.
         self.rank_memory_bytes = group.all_gather_ints(self._memory_bytes(), self.device)
+
+    def _decode_buckets(self) -> list[int]:
+        config = self.config
+        return decode_buckets(config.max_num_seqs, config.max_cudagraph_capture_size, config.cudagraph_capture_sizes)
 
     def _memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -198,7 +202,7 @@ class ModelRunner:
             # largest bucket for good, beside what eager steps need.
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            num_reqs = self.config.max_num_seqs
+            num_reqs = self._decode_buckets()[-1]
             self.profile_forward(num_reqs, num_reqs)
             torch.cuda.synchronize()
             graph_pool = torch.cuda.max_memory_allocated() - base

@@ -15,6 +15,13 @@ import sys
 from server.lora_args import add_lora_args, lora_config_from_args
 
 
+def _capture_size(text: str) -> int:
+    size = int(text) if text.strip().isdigit() else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"a decode batch size must be a whole number >= 1, got {text!r}")
+    return size
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face folder (default: the prepared SmolLM2)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -30,6 +37,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", default=None,
         help="no CUDA graphs: run every decode step eagerly (the CPU always does)",
+    )
+    parser.add_argument(
+        "--max-cudagraph-capture-size", type=_capture_size, default=None, metavar="N",
+        help="the largest decode batch captured as a CUDA graph (default: --max-num-seqs); larger ones run "
+             "eagerly. Each captured size costs start-up time",
+    )
+    parser.add_argument(
+        "--cudagraph-capture-sizes", type=_capture_size, nargs="+", default=None, metavar="N",
+        help="the decode batch sizes captured as CUDA graphs (default: 1 2 4 8, then every 16)",
     )
     parser.add_argument(
         "--load-format", choices=["safetensors", "dummy"], default="safetensors",
@@ -62,6 +78,8 @@ def engine_config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        max_cudagraph_capture_size=args.max_cudagraph_capture_size,
+        cudagraph_capture_sizes=args.cudagraph_capture_sizes,
         load_format=args.load_format,
         tensor_parallel_size=args.tensor_parallel_size,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from inference import LLM, SamplingParams
 from inference.cuda_graphs import decode_buckets
+from server.cli import build_parser, engine_config_from_args, main
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -41,6 +42,39 @@ def test_buckets_cover_every_batch_size():
     assert decode_buckets(16) == [1, 2, 4, 8, 16]
     assert decode_buckets(256)[:6] == [1, 2, 4, 8, 16, 32] and decode_buckets(256)[-1] == 256
     assert decode_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_capture_sizes_bound_the_buckets():
+    assert decode_buckets(256, max_capture_size=32) == [1, 2, 4, 8, 16, 32]
+    assert decode_buckets(256, max_capture_size=40) == [1, 2, 4, 8, 16, 32, 40]
+    assert decode_buckets(8, max_capture_size=64) == [1, 2, 4, 8]  # never past max_num_seqs
+    assert decode_buckets(16, capture_sizes=(4, 1, 64, 4)) == [1, 4]
+    assert decode_buckets(64, 8, (1, 2, 3, 16)) == [1, 2, 3]
+
+
+def test_capture_flags_reach_the_engine_config_as_vllms_do(tiny_llama_dir):
+    args = build_parser().parse_args(["serve", "--model", str(tiny_llama_dir), "--max-cudagraph-capture-size", "8",
+                                      "--cudagraph-capture-sizes", "1", "2", "8", "32"])
+    config = engine_config_from_args(args)
+    assert (config.max_cudagraph_capture_size, config.cudagraph_capture_sizes) == (8, (1, 2, 8, 32))
+
+
+@pytest.mark.parametrize("args", [("--max-cudagraph-capture-size", "0"), ("--cudagraph-capture-sizes", "4", "-1"),
+                                  ("--cudagraph-capture-sizes", "x")])
+def test_bad_capture_sizes_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *args])
+    assert exit_info.value.code == 2
+    assert "a decode batch size must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_decode_batches_over_the_largest_capture_size_run_unpadded(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=96, max_num_seqs=16,
+              max_num_batched_tokens=48, enforce_eager=False, max_cudagraph_capture_size=4)
+    assert llm.engine.runner.graphs.buckets == [1, 2, 4]
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(11)]
+    outputs = llm.generate(prompts(11), params, use_tqdm=False)  # decode batches of 1..11 requests
+    assert [o.outputs[0].token_ids for o in outputs] == generate(tiny_llama_dir, enforce_eager=True)
 
 
 def test_padded_buckets_give_the_unpadded_tokens(tiny_model):
