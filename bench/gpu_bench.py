@@ -146,6 +146,11 @@ def bench_engine(result: dict, folder: Path, graphs: str, last: bool, work: Work
               max_num_seqs=max(plan.decode_batches + (plan.subset,)), enforce_eager=graphs == "off", **engine_args)
     result["load_s"][graphs] = time.perf_counter() - t0
     engine = llm.engine
+    # The engine's start-up phases (weights, KV cache, autotune, graph capture) and the capture's memory.
+    runner = engine.runner
+    result["startup"][graphs] = {**engine.core.startup.seconds, "graph_capture_mib":
+                                 runner.graphs.capture_bytes / 2**20 if runner.graphs is not None else 0.0,
+                                 "num_graphs": len(runner.graphs.graphs) if runner.graphs is not None else 0}
     greedy = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)]
     drive(engine, [work.prompts[-1][::-1]], greedy, deadline, "warmup")
     if last and "hf_subset_tok_s" in result:
@@ -187,7 +192,7 @@ def bench_model(name: str, spec: dict, plan: Plan, args: argparse.Namespace, dev
     from bench.throughput import run_transformers
 
     dtype = getattr(torch, args.dtype)
-    result: dict = {"model": name, "load_s": {}, "decode": [], "profile": []}
+    result: dict = {"model": name, "load_s": {}, "startup": {}, "decode": [], "profile": []}
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work_dir))
     try:
         t0 = time.perf_counter()
@@ -244,11 +249,28 @@ def markdown(report: dict) -> str:
                            f"({d['efficiency']:.1%})" for d in r.get("decode", []))
         params = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.2f}M"
         lines.append(f"| {r['model']} | {params} | {nano_cell} | {subset} | {decode or '–'} |")
+    lines += startup_table(report["models"])
     lines += profile_table(report["models"])
     skipped = report.get("skipped")
     if skipped:
         lines += ["", f"Skipped for the time budget: {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"
+
+
+def startup_table(models: list[dict]) -> list[str]:
+    """Markdown lines: each engine's start-up, by phase, with the graphs' count and memory."""
+    rows = [(r["model"], graphs, r["load_s"].get(graphs, 0.0), phases)
+            for r in models for graphs, phases in r.get("startup", {}).items()]
+    if not rows:
+        return []
+    lines = ["", "Engine start-up (`LLM(...)` to ready; weights written by the bench, read from a local disk):", "",
+             "| model | graphs | total s | weights s | KV cache s | autotune s | graph capture s (graphs, MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for model, graphs, total_s, p in rows:
+        lines.append(f"| {model} | {graphs} | {total_s:.1f} | {p.get('weights', 0):.2f} | {p.get('kv_cache', 0):.2f} | "
+                     f"{p.get('autotune', 0):.2f} | {p.get('graph_capture', 0):.2f} ({p['num_graphs']}, "
+                     f"{p['graph_capture_mib']:.0f}) |")
+    return lines
 
 
 def _write(report: dict, out: Path, start: float) -> None:

@@ -36,7 +36,10 @@
 #   3. bench/gpu.sh on the Qwen3-0.6B and Llama-3.1-8B shapes: decode step time
 #      at batch 1/64/256 with CUDA graphs on and off, the nano-vllm workload
 #      (graphs on) and a torch.profiler summary at batch 64 (GPU busy
-#      fraction, launches and host time per decode step). It gets whatever
+#      fraction, launches and host time per decode step), and each engine's
+#      start-up by phase (weights, KV cache, autotune, graph capture with the
+#      graphs' count and MiB; bound them with --max-cudagraph-capture-size).
+#      It gets whatever
 #      time the earlier steps left (with --moe: Qwen3-0.6B only, and 240 s
 #      fewer, GPU_CHECK_MOE_S).
 #   4. with --moe, bench/gpu_moe.sh: the fused MoE kernel against a torch loop

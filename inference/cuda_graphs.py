@@ -60,6 +60,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_bytes = 0  # device memory the capture took (its pool and outputs)
 
     @property
     def max_batch_size(self) -> int:
@@ -116,8 +117,9 @@ class DecodeGraphs:
             self.outputs[size] = output
         torch.cuda.synchronize()
         free_after, _ = torch.cuda.mem_get_info()
+        self.capture_bytes = free_before - free_after
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s using %.0f MiB",
             len(self.graphs), self.buckets[0], self.buckets[-1], time.perf_counter() - start,
-            (free_before - free_after) / 2**20,
+            self.capture_bytes / 2**20,
         )

@@ -237,6 +237,10 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert all(p["step_ms"] >= p["host_ms"] > 0 and p["gpu_busy"] is None for p in model["profile"])
     markdown = (tmp_path / "gpu_bench.md").read_text()
     assert "| tiny-qwen3 |" in markdown and "| tiny-qwen3 | on | 4 |" in markdown
+    # Start-up by phase for each engine: on the CPU nothing is captured.
+    assert set(model["startup"]) == {"on", "off"}
+    assert all(p["weights"] > 0 and p["num_graphs"] == 0 == p["graph_capture_mib"] for p in model["startup"].values())
+    assert "Engine start-up" in markdown and "| tiny-qwen3 | on |" in markdown
     assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], cwd=REPO).returncode == 0
 
 
