@@ -173,6 +173,26 @@ def summarize(values_s: list[float]) -> dict[str, float]:
     }
 
 
+# The vector features that decide which CPU kernels run (and how fast), as /proc/cpuinfo's flags name them.
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_features() -> list[str]:
+    """This CPU's vector features among CPU_FEATURES: results from CPUs that differ here never compare."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for flag, name in CPU_FEATURES.items() if flag in flags]
+
+
+def cpu_line(machine: dict[str, Any]) -> str:
+    """`model (features), N cores`, for every table a CPU result appears in."""
+    features = ", ".join(machine.get("cpu_features") or ["no AVX2"])
+    return f"{machine['cpu']} ({features}), {machine['cores']} cores"
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -182,7 +202,8 @@ def machine_info() -> dict[str, Any]:
                 break
     except (OSError, subprocess.SubprocessError):
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, Any] = {"cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(),
+                            "python": platform.python_version()}
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         info["memory_gib"] = round(pages * page_size / 1024**3, 1)

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make `bench.` imports resolve
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    REPO_ROOT, add_workload_args, default_model, git_commit, load_tokenizer, machine_info, now_utc, plot_cdfs,
+    REPO_ROOT, add_workload_args, cpu_line, default_model, git_commit, load_tokenizer, machine_info, now_utc, plot_cdfs,
     plot_scaling, prompt_vocab_size, workload_from_args, write_json,
 )
 from bench.peers.servers import (
@@ -100,14 +100,16 @@ def _level_name(level: int | None) -> str:
     return f"c={level}" if level else "c=inf"
 
 
-def format_tables(results: list[PeerResult], levels: list[int | None]) -> str:
-    """Markdown: output tok/s with pagedinfer/peer ratios, then median TTFT / TPOT."""
+def format_tables(results: list[PeerResult], levels: list[int | None], machine: dict) -> str:
+    """Markdown: output tok/s with pagedinfer/peer ratios, then median TTFT / TPOT / ITL and the ITL's
+    p99, each headed by the CPU and its vector features."""
     def runs_by_level(result: PeerResult) -> dict:
         return {r["max_concurrency"]: r for r in result.runs}
 
     base = next((runs_by_level(r) for r in results if r.name == "pagedinfer" and r.runs), {})
     heads = [_level_name(level) for level in levels]
-    lines = ["Output tokens/s (in brackets: pagedinfer / peer, above 1 means pagedinfer is faster)", "",
+    cpu = cpu_line(machine)
+    lines = [f"Output tokens/s on {cpu} (in brackets: pagedinfer / peer, above 1 means pagedinfer is faster)", "",
              "| server | status | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(levels)]
     for result in results:
         runs = runs_by_level(result)
@@ -124,7 +126,7 @@ def format_tables(results: list[PeerResult], levels: list[int | None]) -> str:
             cells.append(cell)
         status = result.status.replace("|", "/").replace("\n", " ")
         lines.append(f"| {result.name} | {status} | " + " | ".join(cells) + " |")
-    lines += ["", "Median TTFT / TPOT / ITL, ms", "", "| server | " + " | ".join(heads) + " |",
+    lines += ["", f"Median TTFT / TPOT / ITL, and ITL p99, ms, on {cpu}", "", "| server | " + " | ".join(heads) + " |",
               "|---|" + "---:|" * len(levels)]
     for result in results:
         runs = runs_by_level(result)
@@ -133,7 +135,7 @@ def format_tables(results: list[PeerResult], levels: list[int | None]) -> str:
             metrics = runs.get(level, {}).get("metrics", {})
             if "ttft_ms" in metrics and metrics["completed"]:
                 cells.append(f"{metrics['ttft_ms']['median']:.0f} / {metrics['tpot_ms']['median']:.1f}"
-                             f" / {metrics['itl_ms']['median']:.1f}")
+                             f" / {metrics['itl_ms']['median']:.1f}, p99 {metrics['itl_ms']['p99']:.0f}")
             else:
                 cells.append("–")
         lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
@@ -153,7 +155,7 @@ def results_section(report: dict, tables: str, plots: list[Path], results_md: Pa
     w = report["workload"]
     lines = [
         f"## Serving comparison, {report['date']}", "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gib', '?')} GiB; torch {m.get('torch', '?')}",
+        f"- Machine: {cpu_line(m)}, {m.get('memory_gib', '?')} GiB; torch {m.get('torch', '?')}",
         f"- Commit: {report['commit']}",
         f"- Command: `{report['command']}`",
         f"- Workload: {workload_text(w)}, EOS ignored, shared prefix {w['shared_prefix_len']}; "
@@ -228,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                                 model, floor_dtype, args.startup_timeout))
         if not peer.missing:
             print(f"[compare] {name}: {results[-1].status}", flush=True)
-    tables = format_tables(results, levels)
+    machine = machine_info()
+    tables = format_tables(results, levels, machine)
     print("\n" + tables)
     report = {
-        "date": now_utc(), "commit": git_commit(), "machine": machine_info(), "model": display(model),
+        "date": now_utc(), "commit": git_commit(), "machine": machine, "model": display(model),
         "command": display(" ".join(["python -m bench.compare", *(argv if argv is not None else sys.argv[1:])])),
         "dtype": args.dtype if args.dtype != "auto" else f"auto ({floor_dtype})",
         "workload": asdict(workload), "levels": levels,

@@ -192,21 +192,23 @@ def test_compare_table_ratios_and_plot_links(tmp_path):
     def run(level: int, tok_s: float) -> dict:
         return {"max_concurrency": level, "label": f"c={level}", "raw": {"ttft_s": [0.1], "tpot_s": [0.01],
                 "e2e_s": [0.2]}, "metrics": {"completed": 4, "failed": 0, "output_throughput": tok_s,
-                "ttft_ms": {"median": 100.0}, "tpot_ms": {"median": 10.0}, "itl_ms": {"median": 9.0}}}
+                "ttft_ms": {"median": 100.0}, "tpot_ms": {"median": 10.0}, "itl_ms": {"median": 9.0, "p99": 41.0}}}
 
     results = [
         compare.PeerResult("pagedinfer", "ok", "python -m server.cli serve", 1.0, [run(1, 40.0), run(16, 300.0)]),
         compare.PeerResult("vllm", "ok", "python -m vllm...", 1.0, [run(1, 20.0), run(16, 600.0)]),
         compare.PeerResult("llama.cpp", "failed to start: exited with code 1"),
     ]
-    tables = compare.format_tables(results, [1, 16])
+    machine = {"cpu": "Intel Xeon", "cpu_features": ["AVX2", "AVX-512", "AMX-BF16"], "cores": 2}
+    tables = compare.format_tables(results, [1, 16], machine)
+    assert tables.count("on Intel Xeon (AVX2, AVX-512, AMX-BF16), 2 cores") == 2  # in each table
     assert "| vllm | ok | 20.0 (2.00x) | 600.0 (0.50x) |" in tables
     assert "| llama.cpp | failed to start: exited with code 1 | – | – |" in tables
-    assert "| pagedinfer | 100 / 10.0 / 9.0 | 100 / 10.0 / 9.0 |" in tables
+    assert "| pagedinfer | 100 / 10.0 / 9.0, p99 41 | 100 / 10.0 / 9.0, p99 41 |" in tables
     plot = tmp_path / "plots" / "compare-scaling.png"
     common.plot_scaling({r.name: r.runs for r in results if r.runs}, plot)
     report = {"date": "today", "commit": "abc", "command": "python -m bench.compare", "dtype": "bfloat16",
-              "machine": {"cpu": "cpu", "cores": 2}, "prompts_per_level": [10, 64],
+              "machine": machine, "prompts_per_level": [10, 64],
               "workload": {"dataset": "random", "input_len": 256, "range_ratio": 0.0, "output_len": 128,
                            "shared_prefix_len": 0},
               "peers": [{"name": r.name, "command": r.command, "status": r.status} for r in results]}
@@ -270,3 +272,14 @@ def test_profile_summary_counts_launches_and_busy_time():
     assert profile.launches_per_step == 1.5
     assert profile.launches == {"cuLaunchKernelEx": 0.5, "cudaGraphLaunch": 0.5, "cudaLaunchKernel": 0.5}
     assert profile.step_ms == pytest.approx(0.1) and profile.host_ms == pytest.approx(0.08)
+
+
+def test_machine_info_names_the_cpus_vector_features():
+    """Against lscpu's own flag list: the features that decide which CPU kernels run."""
+    flags = next(line.split(":", 1)[1].split() for line in
+                 subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+                 if line.startswith("Flags:"))
+    expected = [name for flag, name in common.CPU_FEATURES.items() if flag in flags]
+    machine = common.machine_info()
+    assert machine["cpu_features"] == expected
+    assert common.cpu_line(machine).startswith(f"{machine['cpu']} ({', '.join(expected or ['no AVX2'])})")
