@@ -7,6 +7,7 @@
 
 Invariants:
 - `max_loras` device slots, numbered 1..max_loras (slot 0 is "no adapter").
+  A free slot's weights are stale and never read: no token maps to it.
   `activate` is never asked for more distinct adapters than that in one step
   (the scheduler's limit); a missing one takes the least recently used slot
   not needed by this step.
@@ -49,7 +50,7 @@ class LoRAResidency:
     def __init__(self, model: nn.Module, hf_config, config: LoRAConfig) -> None:
         """Wrap the loaded `model`'s linears with `max_loras` adapter slots."""
         self.hf_config = hf_config
-        self.batch, self.wrapped = wrap_model(model, config.max_loras + 1, config.max_lora_rank)
+        self.batch, self.wrapped = wrap_model(model, config.max_loras, config.max_lora_rank)
         self.max_lora_rank = config.max_lora_rank
         self.max_cpu_loras = config.max_cpu_loras
         self.registered: dict[str, RegisteredLoRA] = {}
@@ -74,9 +75,6 @@ class LoRAResidency:
         self.host.pop(name, None)
         slot = self.slots.pop(name, None)
         if slot is not None:
-            for linear in self.wrapped:
-                linear.set_slot(slot, None)
-                linear.repack()
             self.free_slots.append(slot)
 
     def request_slots(self, names: list[str | None]) -> np.ndarray:
@@ -85,8 +83,8 @@ class LoRAResidency:
         return np.fromiter((0 if name is None else slots[name] for name in names), np.int32, len(names))
 
     def set_token_slots(self, device_slots: torch.Tensor, host_slots: np.ndarray) -> None:
-        """Point the wrapped linears at this step's per-token slots (host copy: the CPU path's segments)."""
-        self.batch.set(device_slots, host_slots)
+        """Point the wrapped linears at this step's per-token slots (the host copy says whether any is set)."""
+        self.batch.set(device_slots if host_slots.any() else None)
 
     def activate(self, names: set[str]) -> dict[str, int]:
         """name -> device slot for each adapter of the step, swapping in what is missing."""
