@@ -141,8 +141,6 @@ class EngineConfig:
             kv_cache_memory = 2 * 1024**3
         if lora is not None and hf_config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"LoRA adapters are served on Llama, Mistral, Qwen2 and Qwen3 models, not {hf_config.model_type}")
-        if lora is not None and on_gpu:
-            enforce_eager = True  # the decode graphs do not capture the LoRA kernels yet
         return cls(
             model=str(path),
             dtype=dtype,

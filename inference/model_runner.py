@@ -143,7 +143,8 @@ class ModelRunner:
         )
         self.graphs = None
         if not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.buffers, config.max_num_seqs, config.max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.buffers, config.max_num_seqs, config.max_model_len,
+                                       self.lora.batch if self.lora is not None else None)
             if self.device.type == "cuda":
                 with phase("graph_capture"):
                     self.graphs.capture()

@@ -154,3 +154,34 @@ def test_cpu_lora_linear_rejects_a_slot_past_the_stacks() -> None:
     x = torch.randn(3, 16)
     with pytest.raises(RuntimeError, match="token 1 has slot 3, past the 2 slots"):
         cpu_linear.lora_linear(x, packed[0], None, packed[1], [packed[2]], [32], torch.tensor([1, 3, 0], dtype=torch.int32), 2, 4)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("num_parts", [1, 3])
+def test_device_path_matches_reference(device: str, dtype: torch.dtype, num_parts: int) -> None:
+    """The engine's device path (what the decode graphs capture): a shrink and an expand a fused part,
+    slots read from a view of a longer step buffer, parts writing their own columns of the output."""
+    _need_kernels(device)
+    from inference.lora.layers import OutPart, add_lora_kernels
+
+    num_tokens, in_features, rank, num_loras = 6, 64, 8, 3
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(num_tokens, in_features, generator=gen).to(device, dtype)
+    lora_a = torch.randn(num_parts, num_loras, rank, in_features, generator=gen).div(8).to(device, dtype)
+    rows = [48, 16, 16][:num_parts]
+    lora_b_t = torch.randn(sum(rows), num_loras, rank, generator=gen).div(3).to(device, dtype)
+    parts = [OutPart(sum(rows[:p]), n, 0) for p, n in enumerate(rows)]
+    buffer = torch.tensor([0, 3, 1, 0, 2, 3, 7, 7], dtype=torch.int32, device=device)  # the tail: past the batch
+    slots = buffer[:num_tokens]
+    out = torch.randn(num_tokens, sum(rows), generator=gen).to(device, dtype)
+    want = out.clone()
+    for p, part in enumerate(parts):
+        cols = slice(part.row, part.row + part.num_rows)
+        reference.lora_expand(reference.lora_shrink(x, lora_a[p], slots), lora_b_t[cols].permute(1, 2, 0), slots,
+                              want[:, cols])
+    before = out.clone()
+    add_lora_kernels(x, lora_a, lora_b_t, parts, slots, out)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+    assert torch.equal(out[slots == 0], before[slots == 0])
+    assert not torch.equal(out, before)
