@@ -21,19 +21,10 @@ from inference import LLM, SamplingParams
 from inference.lora.config import LoRARequest
 from lora_fixtures import build_adapter, build_adapters, peft_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Ranks take their thread count from rank 0; two ranks on two cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("model_type,b_scale", [("llama", 1.0), ("qwen2", 20.0)])
