@@ -70,7 +70,7 @@ def decode_step(buffers: StepBuffers, data: bytes) -> StepPlan:
     (has_batch, num_reqs, r, num_tokens, t, max_query_len, max_seq_len, num_cols, use_graph, num_prompt, num_sample,
      lora, loads_len) = (int(v) for v in header)
     loads_start = len(data) - loads_len - (-loads_len % 8)
-    values = np.frombuffer(data[:loads_start], dtype=np.int64)
+    values = np.frombuffer(data, dtype=np.int64, count=loads_start // 8)
     loads = [SlotLoad(*load) for load in json.loads(data[loads_start : loads_start + loads_len])] if loads_len else []
     buffers.wait_for_copies()
     h = buffers.np
