@@ -152,12 +152,8 @@ class EngineConfig:
             gpu_memory_utilization = 0.9
         if not on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             kv_cache_memory = 2 * 1024**3
-        if lora is not None and tensor_parallel_size > 1:
-            raise ValueError("LoRA adapters are not served with tensor_parallel_size > 1 yet")
         if lora is not None and hf_config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"LoRA adapters are served on Llama, Mistral, Qwen2 and Qwen3 models, not {hf_config.model_type}")
-        if lora is not None and on_gpu:
-            enforce_eager = True  # the decode graphs do not capture the LoRA kernels yet
         return cls(
             model=str(path),
             dtype=dtype,

@@ -193,6 +193,7 @@ class RequestBlocks:
     request_id: str  # the sample's id (see `sample_request_id`)
     block_table: list[int]
     num_computed_tokens: int
+    lora_name: str | None = None  # the LoRA adapter it runs under
 
 
 @dataclass(slots=True)

@@ -24,6 +24,11 @@ Invariants:
   graphs reuse the largest one's activation memory. Each bucket runs eagerly
   once on the capture stream first (Triton compiles, cuBLAS creates its
   handles), because neither may happen during capture.
+- With LoRA on, every graph is captured with the LoRA kernels in, whatever
+  adapters the capture batch used (none): they read each token's slot from
+  the step buffers' `lora_slots` and the adapters from the fixed stacked
+  tensors that swaps overwrite in place, so a replay serves this step's mix
+  and this step's adapters; a slot-0 token costs their launch, not their reads.
 - On the CPU nothing is captured: `run` executes the same padded batch
   eagerly, which is how the tests check the padded path without a GPU.
 """
@@ -34,8 +39,10 @@ import bisect
 import logging
 import time
 
+import numpy as np
 import torch
 
+from inference.lora.layers import LoRABatch
 from inference.step_buffers import StepBatch, StepBuffers
 
 logger = logging.getLogger(__name__)
@@ -53,9 +60,11 @@ def decode_buckets(max_num_seqs: int, max_capture_size: int | None = None,
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, buckets: list[int], max_model_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, buckets: list[int], max_model_len: int,
+                 lora: LoRABatch | None = None) -> None:
         self.model = model
         self.buffers = buffers
+        self.lora = lora
         self.buckets = buckets
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -81,6 +90,12 @@ class DecodeGraphs:
         graph.replay()
         return self.outputs[batch.num_padded_reqs]
 
+    def bind_lora(self, batch: StepBatch) -> None:
+        """Before a capture: no adapter in the buffer's slots, and the LoRA kernels on, reading them."""
+        if self.lora is not None:
+            self.buffers.set_lora_slots(np.zeros(0, np.int32), batch)
+            self.lora.set(self.buffers.lora_slots(batch)[0])
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket on the current CUDA device; raise naming the
@@ -100,6 +115,7 @@ class DecodeGraphs:
                 max_query_len=1, max_seq_len=self.max_model_len,
             )
             self.buffers.prepare([], size)  # all rows padding: valid slots, seq_len 1
+            self.bind_lora(batch)
             try:
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -115,6 +131,8 @@ class DecodeGraphs:
                 ) from exc
             self.graphs[size] = graph
             self.outputs[size] = output
+        if self.lora is not None:
+            self.lora.set(None)  # each step sets its own
         torch.cuda.synchronize()
         free_after, _ = torch.cuda.mem_get_info()
         self.capture_bytes = free_before - free_after

@@ -27,7 +27,8 @@ The JSON (`GET /debug/kv` and each event of `GET /debug/kv/stream` add
       "ref_cnts": [0, 2, 1, ...],            # one per block id
       "hashes": [null, "9f3a61c2", ...],     # last 8 hex digits of the prefix hash, or null
       "requests": [                          # every request holding blocks: ids only, never text
-        {"request_id": "cmpl-...", "block_table": [1, 2, 7], "num_computed_tokens": 40}
+        {"request_id": "cmpl-...", "block_table": [1, 2, 7], "num_computed_tokens": 40,
+         "lora_name": "sql"}                 # its LoRA adapter, null for the base model
       ],
       "stats": {"num_running": 1, "num_waiting": 0, "num_total_blocks": 512, "num_free_blocks": 475,
                 "kv_cache_usage": 0.072, "kv_waste_ratio": 0.17, "prefix_cache_hit_rate": 0.5,
@@ -64,7 +65,8 @@ def take_kv_snapshot(block_manager: BlockManager, requests: Iterable[Request], s
         ref_cnts=[block.ref_cnt for block in blocks],
         block_hashes=[block.block_hash for block in blocks],
         requests=[
-            RequestBlocks(request.request_id, list(request.block_table), request.num_computed_tokens)
+            RequestBlocks(request.request_id, list(request.block_table), request.num_computed_tokens,
+                          request.lora_name)
             for request in requests
             if request.block_table
         ],
@@ -88,6 +90,7 @@ def kv_snapshot_json(snapshot: KVSnapshot) -> dict[str, Any]:
         "hashes": hashes,
         # Not asdict(): it deep-copies every block table.
         "requests": [{"request_id": r.request_id, "block_table": r.block_table,
-                      "num_computed_tokens": r.num_computed_tokens} for r in snapshot.requests],
+                      "num_computed_tokens": r.num_computed_tokens, "lora_name": r.lora_name}
+                     for r in snapshot.requests],
         "stats": stats,
     }

@@ -10,7 +10,8 @@ padded up to it and replayed (`DecodeGraphs`); any other batch runs eagerly;
 the LM head runs only on the rows that sample.
 
 With LoRA on (`inference/lora/`), the step's adapters are swapped into their
-device slots first and each token's slot is written to the step buffers.
+device slots first and each token's slot is written to the step buffers;
+the other tensor-parallel ranks get both in the step's plan.
 
 The KV cache holds `num_blocks` blocks for the block manager plus one scratch
 block (id `num_blocks`) that padding rows write to and read; no request ever
@@ -142,7 +143,8 @@ class ModelRunner:
         )
         self.graphs = None
         if not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.buffers, self._decode_buckets(), config.max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.buffers, self._decode_buckets(), config.max_model_len,
+                                       self.lora.batch if self.lora is not None else None)
             if self.device.type == "cuda":
                 with phase("graph_capture"):
                     self.graphs.capture()
@@ -284,8 +286,8 @@ class ModelRunner:
             plan.batch = self.buffers.prepare(scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs)
             if self.lora is not None:
                 request_slots = self.lora.request_slots([request.lora_name for request, _ in scheduled])
-                token_slots = self.buffers.set_lora_slots(request_slots, plan.batch)
-                self.lora.set_token_slots(token_slots, self.buffers.np["lora_slots"][: plan.batch.num_padded_tokens])
+                self.buffers.set_lora_slots(request_slots, plan.batch)
+                plan.lora, plan.lora_loads = True, self.lora.loads
             rows, prompt_requests = self._plan_logits(scheduled, plan)
         if self.workers is not None and (plan.batch is not None or plan.block_copies):
             self.workers.send(encode_step(self.buffers, plan))
@@ -331,6 +333,10 @@ class ModelRunner:
         batch = plan.batch
         if batch is None:
             return [], None
+        if plan.lora:
+            if group.rank() > 0:
+                self.lora.load_slots(plan.lora_loads)
+            self.lora.set_token_slots(*self.buffers.lora_slots(batch))
         if plan.use_graph:
             hidden = self.graphs.run(batch)
         else:

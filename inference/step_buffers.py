@@ -20,7 +20,8 @@ Invariants:
   (`pad`) point at the runner's scratch block with `seq_len` 1, write their
   key and value to its slot 0, and are never sampled.
 - `lora_slots` holds each token's LoRA adapter slot, 0 for the base model
-  and for padding; it is written only in steps that use an adapter.
+  and for padding; with LoRA on it is written every step (a captured decode
+  graph reads it on replay), with LoRA off never.
 - On the CPU the device tensors are the staging tensors themselves.
 """
 
@@ -132,9 +133,12 @@ class StepBuffers:
         self.publish(batch)
         return batch
 
-    def publish(self, batch: StepBatch) -> None:
+    def publish(self, batch: StepBatch, lora_slots: bool = False) -> None:
         """Copy the batch's rows of the host buffers to the device (after
-        `prepare`, or after a tensor-parallel rank wrote them from rank 0's)."""
+        `prepare`, or after a tensor-parallel rank wrote them from rank 0's,
+        `lora_slots` included when LoRA is on)."""
+        if lora_slots:
+            self._copy("lora_slots", batch.num_padded_tokens)
         self._copy("input_ids", batch.num_padded_tokens)
         self._copy("positions", batch.num_padded_tokens)
         self._copy("slot_mapping", batch.num_padded_tokens)
@@ -149,16 +153,19 @@ class StepBuffers:
         self._copy("logits_indices", len(rows))
         return self.gpu["logits_indices"][: len(rows)]
 
-    def set_lora_slots(self, request_slots: np.ndarray, batch: StepBatch) -> torch.Tensor:
-        """Spread each request's adapter slot over its tokens (padding: 0);
-        the device view of the batch's rows."""
+    def set_lora_slots(self, request_slots: np.ndarray, batch: StepBatch) -> None:
+        """Spread each request's adapter slot over its tokens (padding: 0)."""
         self.wait_for_copies()
         qsl = self.np["query_start_loc"]
         slots = self.np["lora_slots"]
         slots[: batch.num_tokens] = np.repeat(request_slots, np.diff(qsl[: batch.num_reqs + 1]))
         slots[batch.num_tokens : batch.num_padded_tokens] = 0
         self._copy("lora_slots", batch.num_padded_tokens)
-        return self.gpu["lora_slots"][: batch.num_padded_tokens]
+
+    def lora_slots(self, batch: StepBatch) -> tuple[torch.Tensor, np.ndarray]:
+        """The batch's per-token adapter slots: the device view, and the host copy."""
+        t = batch.num_padded_tokens
+        return self.gpu["lora_slots"][:t], self.np["lora_slots"][:t]
 
     def _copy(self, name: str, num_rows: int) -> None:
         if self._copied is not None:

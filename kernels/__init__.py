@@ -67,10 +67,10 @@ Multi-LoRA (`lora.py` states its layout and invariants):
     lora_shrink(x, lora_a, token_slots, out=None) -> out (float32)
     lora_expand(y, lora_b, token_slots, out) -> None (adds into out)
 
-- Stacked adapters `lora_a` `[num_slots, width, in]`, `lora_b` `[num_slots,
+- Stacked adapters `lora_a` `[num_loras, width, in]`, `lora_b` `[num_loras,
   width, out]` (B transposed); `token_slots` int32 `[num_tokens]`, slot 0 =
-  no adapter. The references gather each token's A and B and bmm; the
-  engine's own CPU path is a masked matmul pair over the slots in use
+  no adapter, slot s >= 1 = row s - 1. The references gather each token's A
+  and B and bmm; the engine's own CPU path is masked matmuls over all slots
   (`inference/lora/layers.py`).
 
 Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,

@@ -174,15 +174,23 @@ def _launch_moe_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
 
 
 def _launch_lora_kernels(dtypes: tuple[torch.dtype, ...]) -> None:
-    """LoRA shrink and expand on Llama-3-8B's fused qkv (4096 -> 6144) and down (14336 -> 4096): widths
-    3 x 64, 1 x 8 and 3 x 256 (the expand's whole-width tile, from a rank-8 single part to the widest fused one)."""
+    """LoRA shrink and expand as the engine calls them, one pair a fused part, each part's shrink into
+    its columns of one float32 buffer: Llama-3-8B's qkv (4096 -> 4096 + 1024 + 1024) at ranks 64 and
+    256 (the expand's widest tile), and its down (14336 -> 4096) at rank 8; 3 adapter slots."""
     for dtype in dtypes:
-        for in_features, out_features, width in ((4096, 6144, 192), (14336, 4096, 8), (4096, 6144, 768)):
+        for in_features, part_rows, rank in ((4096, (4096, 1024, 1024), 64), (14336, (4096,), 8),
+                                             (4096, (4096, 1024, 1024), 256)):
             x = torch.zeros(4, in_features, dtype=dtype)
             slots = torch.zeros(4, dtype=torch.int32)
-            y = lora_mod.lora_shrink(x, torch.zeros(3, width, in_features, dtype=dtype), slots)
-            lora_mod.lora_expand(y, torch.zeros(out_features, 3, width, dtype=dtype).permute(1, 2, 0), slots,
-                                 torch.zeros(4, out_features, dtype=dtype))
+            y = torch.zeros(4, len(part_rows) * rank)
+            out = torch.zeros(4, sum(part_rows), dtype=dtype)
+            first = 0
+            for p, num_rows in enumerate(part_rows):
+                y_part = lora_mod.lora_shrink(x, torch.zeros(3, rank, in_features, dtype=dtype), slots,
+                                              y[:, p * rank : (p + 1) * rank])
+                lora_b = torch.zeros(num_rows, 3, rank, dtype=dtype).permute(1, 2, 0)
+                lora_mod.lora_expand(y_part, lora_b, slots, out[:, first : first + num_rows])
+                first += num_rows
 
 
 def _launch_layer_kernels() -> None:

@@ -14,6 +14,8 @@ block its input rows for the cache), so the original weight stays too: the
 packed copy doubles the weight memory of the float32 CPU path, which the model
 runner reports.
 
+`lora_linear` is a LoRA layer (base, shrink, mask, expands) in one C++ call.
+
 Invariants: a packed weight is a function of its weight alone (re-pack after
 the weight changes); `linear` gives F.linear's result up to float32 rounding
 (the kernel sums in another order), never a different shape or dtype.
@@ -50,4 +52,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return F.linear(x, weight, bias)
     out = torch.empty(x.shape[0], weight.shape[0])  # the op checks every shape, dtype and stride
     torch.ops.pagedinfer_cpu.linear(x, packed, bias, out)
+    return out
+
+
+
+def lora_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, packed_a: torch.Tensor,
+                packed_b: list[torch.Tensor], part_rows: list[int], token_slots: torch.Tensor, num_loras: int,
+                rank: int) -> torch.Tensor:
+    """A LoRA linear's base product plus each token's masked adapter delta, in one call of the C++ op
+    (`kernels/cpu/lora.cpp` states the layout); the caller checks `x` has at most MAX_ROWS rows."""
+    out = torch.empty(x.shape[0], sum(part_rows))
+    y = torch.empty(x.shape[0], len(part_rows) * num_loras * rank)
+    torch.ops.pagedinfer_cpu.lora_linear(x, packed, bias, packed_a, packed_b, part_rows, token_slots, rank, out, y)
     return out

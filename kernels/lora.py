@@ -3,17 +3,19 @@
     lora_shrink(x, lora_a, token_slots, out=None) -> out
     lora_expand(y, lora_b, token_slots, out) -> None
 
-- `x` `[num_tokens, in_features]`; `lora_a` `[num_slots, width, in_features]`;
-  shrink writes `out[t] = lora_a[token_slots[t]] @ x[t]`, float32
-  `[num_tokens, width]`.
-- `y` float32 `[num_tokens, width]`; `lora_b` `[num_slots, width,
+- `x` `[num_tokens, in_features]`; `lora_a` `[num_loras, width, in_features]`;
+  shrink writes `out[t] = lora_a[token_slots[t] - 1] @ x[t]`, float32
+  `[num_tokens, width]`, any row stride (the engine writes each fused part
+  into its columns of one buffer).
+- `y` float32 `[num_tokens, width]`; `lora_b` `[num_loras, width,
   out_features]` (B transposed), any strides (the engine passes a permuted
-  view of its `[out_features, num_slots, width]` store); expand
-  adds `y[t] @ lora_b[token_slots[t]]` to row t of `out` `[num_tokens,
-  out_features]` (the base layer's output, in its dtype).
-- `token_slots` int32 `[num_tokens]`: slot 0 means "no adapter". Its A and B
-  are zeros (the caller's invariant), and the kernels do not read them:
-  shrink writes zeros for such rows, expand leaves them untouched.
+  view of its `[out_features, num_loras, width]` store); expand adds
+  `y[t] @ lora_b[token_slots[t] - 1]` to row t of `out` `[num_tokens,
+  out_features]` (the base layer's output, or a part's columns of it, in its
+  dtype).
+- `token_slots` int32 `[num_tokens]`: slot s >= 1 reads row s - 1 of the
+  stacks; slot 0 means "no adapter" and reads nothing: shrink writes zeros
+  for such rows, expand leaves them untouched.
 
 Kernel invariants:
 - Shrink grid (num_tokens, cdiv(width, BLOCK_R)): each program reduces over
@@ -42,12 +44,13 @@ _MAX_BLOCK_W = 64
 
 @triton.jit
 def _token_tile(slots_ptr, num_rows, BLOCK: tl.constexpr):
-    """This program's token, its slot, the BLOCK rows it covers, and which of them to compute."""
+    """This program's token, its stack row, the BLOCK rows it covers, and which of them to compute."""
     tok = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     active = slot != 0
-    return tok, rows, slot, active, (rows < num_rows) & active
+    # Slot s's weights are row s - 1 of the stacks; slot 0's program reads nothing (all loads masked).
+    return tok, rows, tl.maximum(slot - 1, 0), active, (rows < num_rows) & active
 
 
 @triton.jit
@@ -99,7 +102,7 @@ def _check_slots(token_slots: torch.Tensor, num_tokens: int, device: torch.devic
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = lora_a[token_slots[t]] @ x[t] in float32 (zeros where the slot is 0)."""
+    """out[t] = lora_a[token_slots[t] - 1] @ x[t] in float32 (zeros where the slot is 0)."""
     check_rank("x", x, 2)
     check_rank("lora_a", lora_a, 3)
     check_float("x", x)
@@ -128,7 +131,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t] += y[t] @ lora_b[token_slots[t]] (rows with slot 0 untouched)."""
+    """out[t] += y[t] @ lora_b[token_slots[t] - 1] (rows with slot 0 untouched)."""
     check_rank("y", y, 2)
     check_rank("lora_b", lora_b, 3)
     check_rank("out", out, 2)

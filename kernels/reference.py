@@ -218,15 +218,16 @@ def fused_moe(
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per token, its slot's A times its row, in float32: `[num_tokens, width]` (see kernels/lora.py)."""
-    a = lora_a.index_select(0, token_slots.long()).float()  # [num_tokens, width, in_features]
-    y = torch.bmm(a, x.float()[:, :, None])[:, :, 0]
+    """Per token, its slot's A times its row, in float32: `[num_tokens, width]`, zeros for slot 0
+    (see kernels/lora.py: slot s is row s - 1 of the stack)."""
+    a = lora_a.index_select(0, (token_slots.long() - 1).clamp(min=0)).float()  # [num_tokens, width, in_features]
+    y = torch.bmm(a, x.float()[:, :, None])[:, :, 0] * (token_slots != 0)[:, None]
     return y if out is None else out.copy_(y)
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor) -> None:
     """out[t] += y[t] times its slot's B (stored transposed), rounded once; rows of slot 0 untouched."""
     rows = (token_slots != 0).nonzero()[:, 0]
-    b = lora_b.index_select(0, token_slots[rows].long()).float()  # [rows, width, out_features]
+    b = lora_b.index_select(0, token_slots[rows].long() - 1).float()  # [rows, width, out_features]
     delta = torch.bmm(y[rows].float()[:, None, :], b)[:, 0, :]
     out[rows] = (out[rows].float() + delta).to(out.dtype)

@@ -98,6 +98,18 @@ def build_tiny_model(model_type: str, folder, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a tensor-parallel module: ranks take their thread count from rank 0, and
+    two ranks share two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def tiny_model(request, tmp_path_factory):
     """(model_type, folder, transformers model) for each tiny architecture."""

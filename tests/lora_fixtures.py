@@ -18,8 +18,11 @@ ADAPTER_SPECS = {
 
 
 def build_adapter(base_folder: Path, out_folder: Path, rank: int, targets: list[str], use_rslora: bool = False,
-                  seed: int = 0, **extra) -> Path:
+                  seed: int = 0, b_scale: float = 1.0, **extra) -> Path:
+    """A peft adapter; `b_scale` multiplies its saved lora_B (a stronger delta, for a base model
+    whose outputs a default one does not move)."""
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
@@ -27,12 +30,16 @@ def build_adapter(base_folder: Path, out_folder: Path, rank: int, targets: list[
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_rslora=use_rslora,
                         init_lora_weights=False, **extra)
     get_peft_model(base, config).save_pretrained(out_folder)
+    if b_scale != 1.0:
+        path = out_folder / "adapter_model.safetensors"
+        tensors = load_file(path)
+        save_file({k: v * b_scale if ".lora_B." in k else v for k, v in tensors.items()}, path)
     return out_folder
 
 
-def build_adapters(base_folder: Path, root: Path) -> dict[str, Path]:
+def build_adapters(base_folder: Path, root: Path, b_scale: float = 1.0) -> dict[str, Path]:
     return {
-        name: build_adapter(base_folder, root / name, rank, targets, rslora, seed=i + 1)
+        name: build_adapter(base_folder, root / name, rank, targets, rslora, seed=i + 1, b_scale=b_scale)
         for i, (name, (rank, targets, rslora)) in enumerate(ADAPTER_SPECS.items())
     }
 

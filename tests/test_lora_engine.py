@@ -87,6 +87,25 @@ def test_prefix_cache_is_per_adapter(base_and_adapters):
     assert first in core.block_manager.cached and second in core.block_manager.cached
 
 
+def test_qwen2_mixed_batch_matches_peft(tmp_path):
+    """Qwen2 (q/k/v biases, one KV head, tied embeddings): base and three adapters in one batch through two
+    slots. Its tiny model's tied, 20x embeddings make the input token dominate the logits, so a default
+    peft adapter moves nothing; lora_B x20 moves every prompt's output (checked), so parity can fail."""
+    build_tiny_model("qwen2", tmp_path / "base")
+    adapters = build_adapters(tmp_path / "base", tmp_path, b_scale=20.0)
+    gen = torch.Generator().manual_seed(5)
+    names = [None, "sql", "chat", "code"] * 2
+    prompts = [torch.randint(0, 256, (10 + 4 * i,), generator=gen).tolist() for i in range(len(names))]
+    want = [peft_greedy(tmp_path / "base", adapters.get(n), [p], MAX_TOKENS)[0] for n, p in zip(names, prompts)]
+    plain = peft_greedy(tmp_path / "base", None, prompts, MAX_TOKENS)
+    assert all((want[i] != plain[i]) == (n is not None) for i, n in enumerate(names))
+    llm = LLM(model=str(tmp_path / "base"), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+              num_kv_blocks=32, block_size=8)
+    requests = [None if n is None else LoRARequest(n, i + 1, str(adapters[n])) for i, n in enumerate(names)]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=requests)
+    assert [o.outputs[0].token_ids for o in outputs] == want
+
+
 def test_kv_events_name_the_adapter():
     from inference.kv_cache_events import BlocksStored
     from inference.kv_events_wire import to_wire

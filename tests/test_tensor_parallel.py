@@ -21,22 +21,13 @@ from server_fixtures import spawned_children
 from inference import LLM, SamplingParams
 from inference.parallel.layers import shard_heads
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = ["hello world", "the quick brown fox", "abc", "zzzz top", "0123456789"]
 SMOL_PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are",
     "In 1969, astronauts", "import numpy as np\n", "My favourite food is", "Water boils at",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Ranks take their thread count from rank 0; two ranks on two cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(folder, prompts, max_tokens: int, tensor_parallel_size: int) -> tuple[list[list[int]], list[torch.Tensor]]:

@@ -250,6 +250,27 @@ def test_preemptions_reach_the_span(tiny_llama_chat_dir, jaeger: Jaeger):
         server.stop()
 
 
+def test_a_lora_request_names_its_adapter(tiny_llama_chat_dir, jaeger: Jaeger, tmp_path):
+    """Through the server: a request to an adapter's `model` gets a span naming the adapter (as its
+    response does); the base model's span has no adapter."""
+    from lora_fixtures import build_adapter
+
+    adapter = build_adapter(tiny_llama_chat_dir, tmp_path / "sql", 4, ["q_proj", "v_proj"])
+    server = _traced_server(tiny_llama_chat_dir, jaeger.otlp_grpc_endpoint,
+                            args=(*SERVER_ARGS, "--enable-lora", "--lora-modules", f"sql={adapter}"))
+    try:
+        for model in ("sql", None):
+            trace_id, span_id, headers = caller_context()
+            body = {"prompt": "hello", "max_tokens": 4, "temperature": 0, **({"model": model} if model else {})}
+            with server.client() as client:
+                response = client.post("/v1/completions", headers=headers, json=body).json()
+            tags = span_tags(request_span(jaeger, trace_id, span_id))
+            assert tags["gen_ai.response.model"] == response["model"] == (model or response["model"])
+            assert tags.get("pagedinfer.lora.name") == model
+    finally:
+        server.stop()
+
+
 def test_a_dead_collector_costs_requests_nothing(tiny_llama_chat_dir):
     """Tracing turned on by the standard variable alone, to a collector that is not there."""
     dead = f"http://127.0.0.1:{free_port()}"

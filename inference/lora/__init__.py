@@ -6,6 +6,6 @@
 - `residency.py` keeps adapters on the device (`max_loras` slots) and in
   host memory (`max_cpu_loras`), least recently used first out.
 
-Slot 0 of every stacked tensor is all zeros and means "no adapter"; adapter
-slots are 1..max_loras.
+Adapter slots are 1..max_loras, slot s stored at row s - 1 of every stacked
+tensor; slot 0 means "no adapter" and has no row (it is masked).
 """

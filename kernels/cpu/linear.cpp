@@ -1,6 +1,8 @@
 // float32 linear layers for decode steps and prompt chunks up to a step's
 // token budget: out = x @ weight.T (+ bias) on a weight packed once into
-// column panels.
+// column panels. `run_products` (linear.h) runs several such products in one
+// parallel region, optionally adding into `out` (lora.cpp's base + shrink,
+// then its per-part expands).
 //
 // Why not torch's BLAS: at a decode step's row counts the work per call is
 // small, and the fixed cost per call is not: oneDNN through torch
@@ -21,7 +23,10 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common.h"
+#include "linear.h"
 
 namespace pagedinfer_cpu {
 namespace {
@@ -35,10 +40,10 @@ constexpr int64_t kPanel = 16;
 // fill 15 of AVX2's 16 vector registers.
 constexpr int64_t kTileRows = 6;
 
-// out[r, c] for R rows and the panel's columns (the first num_cols stored).
+// out[r, c] (+)= for R rows and the panel's columns (the first num_cols stored).
 template <int64_t R>
 void tile(const float* x, int64_t x_stride, const float* panel, int64_t in_features, const float* bias, float* out,
-          int64_t out_stride, int64_t num_cols) {
+          int64_t out_stride, int64_t num_cols, bool accumulate) {
 #if defined(PAGEDINFER_VEC)
   vfloat acc[R][2];
   for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
@@ -56,9 +61,13 @@ void tile(const float* x, int64_t x_stride, const float* panel, int64_t in_featu
   const vfloat bias0 = bias ? vload_first(bias, num_cols, 0.0f) : vzero();
   const vfloat bias1 = bias && two ? vload_first(bias + kLanes, num_cols - kLanes, 0.0f) : vzero();
   for (int64_t r = 0; r < R; ++r) {
+    float* o = out + r * out_stride;
     acc[r][0] = vadd(acc[r][0], bias0);
     acc[r][1] = vadd(acc[r][1], bias1);
-    float* o = out + r * out_stride;
+    if (accumulate) {
+      acc[r][0] = vadd(acc[r][0], vload_first(o, num_cols, 0.0f));
+      if (two) acc[r][1] = vadd(acc[r][1], vload_first(o + kLanes, num_cols - kLanes, 0.0f));
+    }
     if (num_cols == kPanel) {
       vstore(o, acc[r][0]);
       vstore(o + kLanes, acc[r][1]);
@@ -77,12 +86,15 @@ void tile(const float* x, int64_t x_stride, const float* panel, int64_t in_featu
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < num_cols; ++c) out[r * out_stride + c] = acc[r][c] + (bias ? bias[c] : 0.0f);
+    for (int64_t c = 0; c < num_cols; ++c) {
+      float* o = out + r * out_stride + c;
+      *o = acc[r][c] + (bias ? bias[c] : 0.0f) + (accumulate ? *o : 0.0f);
+    }
   }
 #endif
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t);
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t, bool);
 constexpr TileFn kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
@@ -104,7 +116,10 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   return packed;
 }
 
-void linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, at::Tensor out) {
+}  // namespace
+
+Product check_product(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                      at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 3, "linear: x and out must be 2-D, packed 3-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
               "linear: x, packed and out must be float32");
@@ -119,21 +134,38 @@ void linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<a
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == out_features &&
                         bias->is_contiguous()),
               "linear: bias must be a contiguous float32 [out_features]");
-  const float* xp = x.data_ptr<float>();
-  const float* pp = packed.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const int64_t xs = x.stride(0), os = out.stride(0);
-  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = pp + p * in_features * kPanel;
-      const int64_t col = p * kPanel, num_cols = std::min(kPanel, out_features - col);
-      for (int64_t row = 0; row < num_rows; row += kTileRows) {
-        const int64_t rows = std::min(kTileRows, num_rows - row);
-        kTiles[rows](xp + row * xs, xs, panel, in_features, bp ? bp + col : nullptr, op + row * os + col, os, num_cols);
+  return {x.data_ptr<float>(), x.stride(0), packed.data_ptr<float>(), in_features, bias ? bias->data_ptr<float>() : nullptr,
+          out.data_ptr<float>(), out.stride(0), out_features, num_rows, 0};
+}
+
+void run_products(std::vector<Product>& products, bool accumulate) {
+  int64_t total = 0;
+  for (Product& p : products) {
+    p.first_panel = total;
+    total += (p.out_features + kPanel - 1) / kPanel;
+  }
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    size_t i = 0;
+    for (int64_t g = begin; g < end; ++g) {
+      while (i + 1 < products.size() && g >= products[i + 1].first_panel) ++i;
+      const Product& p = products[i];
+      const int64_t panel = g - p.first_panel;
+      const int64_t col = panel * kPanel, num_cols = std::min(kPanel, p.out_features - col);
+      for (int64_t row = 0; row < p.num_rows; row += kTileRows) {
+        const int64_t rows = std::min(kTileRows, p.num_rows - row);
+        kTiles[rows](p.x + row * p.x_stride, p.x_stride, p.panels + panel * p.in_features * kPanel, p.in_features,
+                     p.bias ? p.bias + col : nullptr, p.out + row * p.out_stride + col, p.out_stride, num_cols,
+                     accumulate);
       }
     }
   });
+}
+
+namespace {
+
+void linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias, at::Tensor out) {
+  std::vector<Product> products{check_product(x, packed, bias, out)};
+  run_products(products, false);
 }
 
 }  // namespace

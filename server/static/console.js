@@ -90,9 +90,22 @@ document.getElementById("key-form").addEventListener("submit", (event) => {
   input.value = "";
 });
 
-fetch("/v1/models", { headers: pagedinfer.headers() })
-  .then((r) => (r.ok ? r.json() : null))
-  .then((models) => {
-    if (models) document.getElementById("model-name").textContent = models.data[0].id;
-  })
-  .catch(() => {});
+// The base model names the page; it and its LoRA adapters fill the playground's
+// model list. Again whenever the key changes: without the right one it is a 401.
+function loadModels() {
+  fetch("/v1/models", { headers: pagedinfer.headers() })
+    .then((r) => (r.ok ? r.json() : null))
+    .then((models) => {
+      if (!models) return;
+      document.getElementById("model-name").textContent = models.data[0].id;
+      document.getElementById("model").replaceChildren(...models.data.map((card) => {
+        const option = document.createElement("option");
+        option.value = option.textContent = card.id;
+        if (card.parent) option.textContent += " (LoRA adapter)";
+        return option;
+      }));
+    })
+    .catch(() => {});
+}
+pagedinfer.onRestart(loadModels);
+loadModels();

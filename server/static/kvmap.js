@@ -1,7 +1,9 @@
 // Live KV-block map: one cell per block from GET /debug/kv/stream.
 // A cell's data-state is free, cached (free but holding a prefix), used or
-// shared (reference count above 1); in-use cells take their owner's colour.
-// Only request ids reach the page, never prompt text.
+// shared (reference count above 1); in-use cells take their owner's colour,
+// and `data-adapter` the LoRA adapter its first owner runs under ("" for the
+// base model; the tooltip names each owner's). Only request ids and adapter
+// names reach the page, never prompt text.
 "use strict";
 
 (() => {
@@ -9,7 +11,7 @@
   const header = document.getElementById("kv-header");
   const tooltip = document.getElementById("kv-tooltip");
   let cells = [];
-  let info = null;  // per block: owners and slots filled, for the tooltip
+  let info = null;  // per block: owning requests and slots filled, for the tooltip
   let snapshot = null;
   let generation = 0;  // bumps on restart; an older stream loop then stops
 
@@ -29,6 +31,10 @@
       ["cached", s.num_cached_blocks],
       ["shared", s.num_shared_blocks],
     ];
+    // Running requests per LoRA adapter (the engine counts them only with LoRA on).
+    const adapters = Object.entries(st.running_lora_adapters || {});
+    if (adapters.length) items.push([adapters.length === 1 ? "adapter" : "adapters",
+                                      adapters.map(([name, n]) => name + " ×" + n).join(", ")]);
     header.replaceChildren(...items.map(([name, value]) => {
       const item = document.createElement("span");
       item.dataset.name = name;
@@ -55,11 +61,11 @@
   function render(s) {
     snapshot = s;
     ensureCells(s.num_blocks);
-    const owners = Array.from({ length: s.num_blocks }, () => []);
+    const owners = Array.from({ length: s.num_blocks }, () => []);  // the requests holding each block
     const filled = new Array(s.num_blocks).fill(0);
     for (const request of s.requests) {
       request.block_table.forEach((blockId, i) => {
-        owners[blockId].push(request.request_id);
+        owners[blockId].push(request);
         filled[blockId] = Math.max(0, Math.min(s.block_size, request.num_computed_tokens - i * s.block_size));
       });
     }
@@ -67,12 +73,15 @@
     for (let i = 0; i < s.num_blocks; i++) {
       const refCnt = s.ref_cnts[i];
       const state = refCnt > 1 ? "shared" : refCnt === 1 ? "used" : s.hashes[i] !== null ? "cached" : "free";
-      const colour = refCnt > 0 && owners[i].length ? pagedinfer.colour(owners[i][0]) : "";
+      const first = refCnt > 0 ? owners[i][0] : undefined;
+      const colour = first ? pagedinfer.colour(first.request_id) : "";
+      const adapter = (first && first.lora_name) || "";
       const cell = cells[i];
       if (cell.dataset.state !== state) {
         cell.dataset.state = state;
         cell.className = "cell state-" + state;
       }
+      if (cell.dataset.adapter !== adapter) cell.dataset.adapter = adapter;
       if (cell.colour !== colour) {  // the browser rewrites style colours, so compare our own copy
         cell.colour = colour;
         cell.style.backgroundColor = colour;
@@ -113,6 +122,10 @@
     }
   }
 
+  function ownerLabel(request) {
+    return request.request_id + (request.lora_name ? " (adapter " + request.lora_name + ")" : "");
+  }
+
   grid.addEventListener("mousemove", (event) => {
     const cell = event.target.closest(".cell");
     if (!cell || !snapshot) {
@@ -124,7 +137,7 @@
     const lines = [
       "block " + i,
       "ref count " + snapshot.ref_cnts[i],
-      "owners " + (info.owners[i].length ? info.owners[i].join(", ") : "none"),
+      "owners " + (info.owners[i].length ? info.owners[i].map(ownerLabel).join(", ") : "none"),
       "slots filled " + (snapshot.ref_cnts[i] ? info.filled[i] : 0) + "/" + snapshot.block_size,
       "prefix hash " + (hash === null ? "none" : hash),
     ];

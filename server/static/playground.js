@@ -28,6 +28,8 @@
       const raw = $(name).value.trim();
       if (raw !== "") body[name] = parse(raw);
     }
+    const model = $("model");
+    if (model.selectedIndex > 0) body.model = model.value;  // an adapter; the base model is the default
     const stop = $("stop").value.split("\n").filter((s) => s.length > 0);
     if (stop.length) body.stop = stop;
     if ($("ignore_eos").checked) body.ignore_eos = true;
@@ -132,7 +134,8 @@
       if (name in args) { extra[name] = args[name]; delete args[name]; }
     }
     const method = path === "/v1/chat/completions" ? "client.chat.completions.create" : "client.completions.create";
-    const model = document.getElementById("model-name").textContent;
+    const model = args.model || document.getElementById("model-name").textContent;
+    delete args.model;
     const lines = [
       "import os", "", "from openai import OpenAI", "",
       'client = OpenAI(base_url="' + location.origin + '/v1", api_key=os.environ.get("PAGEDINFER_API_KEY", "none"))',
