@@ -13,6 +13,7 @@ from pathlib import Path
 from inference.block_hashing import HASH_ALGOS
 from inference.kv_events_config import KVEventsConfig
 from inference.lora.config import LoRAConfig
+from inference.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
 # "dummy": random weights built on the device, no weight files read (benchmarks
@@ -30,6 +31,8 @@ class SchedulerConfig:
     prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
     # Distinct LoRA adapters one step may hold (the device slots); 0: LoRA is off.
     max_loras: int = 0
+    # Draft tokens a request may verify per step; 0: speculative decoding is off.
+    num_speculative_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -61,6 +64,8 @@ class EngineConfig:
     kv_events: KVEventsConfig | None = None
     # Multi-LoRA serving (inference/lora/); None: off.
     lora: LoRAConfig | None = None
+    # Speculative decoding (inference/spec_decode/); None: off.
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def create(
@@ -82,6 +87,7 @@ class EngineConfig:
         prefix_caching_hash_algo: str = "sha256_cbor",
         kv_events: KVEventsConfig | None = None,
         lora: LoRAConfig | None = None,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -145,6 +151,10 @@ class EngineConfig:
             raise ValueError(f"LoRA adapters are served on Llama, Mistral, Qwen2 and Qwen3 models, not {hf_config.model_type}")
         if lora is not None and on_gpu:
             enforce_eager = True  # the decode graphs do not capture the LoRA kernels yet
+        if isinstance(speculative_config, dict):
+            speculative_config = SpeculativeConfig.from_dict(speculative_config)
+        if speculative_config is not None:
+            speculative_config.check_served()
         return cls(
             model=str(path),
             dtype=dtype,
@@ -164,6 +174,7 @@ class EngineConfig:
             prefix_caching_hash_algo=prefix_caching_hash_algo,
             kv_events=kv_events if kv_events is not None and kv_events.enabled else None,
             lora=lora,
+            speculative=speculative_config,
         )
 
     def describe_dtype(self) -> str:
@@ -178,6 +189,7 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
             max_loras=self.lora.max_loras if self.lora is not None else 0,
+            num_speculative_tokens=self.speculative.num_speculative_tokens if self.speculative is not None else 0,
         )
 
 
