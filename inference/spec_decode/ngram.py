@@ -3,8 +3,10 @@
 For each request, take the longest suffix of n tokens, n from
 `prompt_lookup_max` down to `prompt_lookup_min`, that also occurs earlier in
 its tokens (prompt and output so far), and propose the up to
-`num_speculative_tokens` tokens that followed its most recent earlier
-occurrence. No match, no draft.
+`num_speculative_tokens` tokens that followed its first occurrence. The first,
+not the latest: in a loop the latest occurrence overlaps the suffix and has
+only a token or two after it, while the first has the most. No match, no
+draft.
 
 The search runs on the whole batch at once: the contexts are padded into one
 [requests, longest] array (padding -1, never a token id) and each n compares
@@ -44,8 +46,8 @@ class NgramProposer:
         return drafts
 
     def _longest_matches(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, where the most recent earlier occurrence of its longest
-        matching suffix starts, and its length (0: none)."""
+        """Per row, where the first occurrence of its longest matching suffix
+        (other than the suffix itself) starts, and its length (0: none)."""
         num_rows, width = tokens.shape
         starts = np.zeros(num_rows, np.int64)
         sizes = np.zeros(num_rows, np.int64)
@@ -60,7 +62,6 @@ class NgramProposer:
             # An earlier occurrence ends before the suffix starts, so a token follows it.
             matches &= np.arange(width - n + 1)[None, :] < (row_lengths - n)[:, None]
             found = matches.any(axis=1)
-            latest = width - n - np.argmax(matches[:, ::-1], axis=1)
-            starts[rows[found]] = latest[found]
+            starts[rows[found]] = np.argmax(matches, axis=1)[found]
             sizes[rows[found]] = n
         return starts, sizes
