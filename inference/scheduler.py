@@ -347,30 +347,32 @@ class Scheduler:
                 self.stats.prompt_tokens_computed += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
             request.num_computed_tokens += num_new
             self._free_rejected(request)
+            # Appended before the blocks are hashed: accepted drafts are computed tokens already.
+            token_ids, status = self._append(request, token_ids)
             self._cache_full_blocks(request)
             if request.pending_samples and request.num_computed_tokens == request.num_tokens_target:
                 self._fork(request)
             if token_ids:
-                appended[request.request_id] = self._append(request, token_ids)
-            if request.status == RequestStatus.RUNNING and draft_token_ids is not None:
+                appended[request.request_id] = token_ids
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            elif draft_token_ids is not None:
                 request.spec_token_ids = [] if request.spec_off else draft_token_ids.get(request.request_id, [])
         return appended
 
-    def _append(self, request: Request, token_ids: list[int]) -> list[int]:
+    def _append(self, request: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens one by one, as if each came from its own step, until
-        one ends the request; the tokens appended."""
+        one ends the request: the tokens appended, and how it ends (None: it goes on)."""
         for count, token_id in enumerate(token_ids):
             if request.grammar is not None and not request.grammar.accept_token(token_id):
-                self.finish_request(request.request_id, RequestStatus.FINISHED_GRAMMAR)
-                return token_ids[:count]
+                return token_ids[:count], RequestStatus.FINISHED_GRAMMAR
             request.token_ids.append(token_id)
             status = self._check_stop(request, token_id)
             if status is None and request.grammar is not None and request.grammar.is_terminated():
                 status = RequestStatus.FINISHED_STOPPED  # complete, even where EOS is ignored
             if status is not None:
-                self.finish_request(request.request_id, status)
-                return token_ids[: count + 1]
-        return token_ids
+                return token_ids[: count + 1], status
+        return token_ids, None
 
     def _free_rejected(self, request: Request) -> None:
         """Give back the blocks past the valid tokens: only rejected drafts wrote them."""
