@@ -81,7 +81,9 @@ class SpeculativeConfig:
                 raise ValueError(f"bad {name}: {values[name]!r} (an integer >= 1)")
         if method == "suffix":
             values.setdefault("suffix_decoding_max_tree_depth", DEFAULT_SUFFIX_TREE_DEPTH)
-            values.setdefault("num_speculative_tokens", values["suffix_decoding_max_tree_depth"])
+            # vLLM drafts up to the tree depth; here at most MAX_SPECULATIVE_TOKENS.
+            values.setdefault("num_speculative_tokens",
+                              min(values["suffix_decoding_max_tree_depth"], MAX_SPECULATIVE_TOKENS))
             for name, low, high in (("suffix_decoding_max_spec_factor", 0.0, float("inf")),
                                     ("suffix_decoding_min_token_prob", 0.0, 1.0)):
                 value = values.get(name)
