@@ -86,8 +86,8 @@ def check_request(token_ids: list[int], params: SamplingParams, config: EngineCo
         raise ValueError(f"n is {params.n}, over max_num_seqs {config.max_num_seqs}")
     if params.structured_outputs is not None and config.speculative is not None:
         # The drafts would have to pass the grammar token by token; not built.
-        raise ValueError("structured outputs are not available while speculative decoding is on "
-                         "(the server runs with --speculative-config)")
+        raise ValueError("structured_outputs cannot be combined with speculative decoding "
+                         "(the engine runs with a speculative config)")
 
 
 # ---- front end -> core -------------------------------------------------------

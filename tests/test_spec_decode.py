@@ -195,6 +195,6 @@ def test_structured_outputs_are_refused_while_speculating(tiny_llama_dir):
     from inference.sampling_params import StructuredOutputsParams
 
     _, on = engines(tiny_llama_dir, num_kv_blocks=16)
-    with pytest.raises(ValueError, match="structured outputs are not available while speculative decoding is on"):
+    with pytest.raises(ValueError, match="structured_outputs cannot be combined with speculative decoding"):
         on.generate([[1, 2, 3]], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")),
                     use_tqdm=False)
