@@ -198,3 +198,22 @@ def test_structured_outputs_are_refused_while_speculating(tiny_llama_dir):
     with pytest.raises(ValueError, match="structured_outputs cannot be combined with speculative decoding"):
         on.generate([[1, 2, 3]], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")),
                     use_tqdm=False)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_greedy_is_identical_with_speculation(tiny_llama_dir):
+    """Rank 1 runs every verifying step's forward (the drafts' logits rows included) beside rank 0."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two ranks on two cores
+    try:
+        prompts, params = mixed_batch(seed=2)
+        # First: one group per process, and once the split engine joined it the whole model would reduce over it.
+        expected = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=256).generate(
+            prompts, params, use_tqdm=False)
+        split = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=256, tensor_parallel_size=2,
+                    speculative_config=NGRAM)
+        assert summary(split.generate(prompts, params, use_tqdm=False)) == summary(expected)
+        assert split.stats().spec_decode.num_accepted_tokens > 0
+        split.shutdown()
+    finally:
+        torch.set_num_threads(before)
