@@ -16,9 +16,10 @@ prompt_lookup_max; fields of another method are refused, not ignored.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from inference.json_config import check_object, parse_object
 
 SERVED_METHODS = ("ngram",)
 NOT_BUILT_METHODS = ("suffix", "draft_model")
@@ -51,21 +52,12 @@ class SpeculativeConfig:
     @classmethod
     def from_json(cls, text: str) -> SpeculativeConfig:
         """Parse and check the flag's JSON; ValueError says what is wrong."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(parse_object(text, cls))
 
     @classmethod
     def from_dict(cls, raw: Any) -> SpeculativeConfig:
         """Check a dict (the JSON, or `LLM(speculative_config=...)`) and fill in vLLM's defaults."""
-        if not isinstance(raw, dict):
-            raise ValueError("must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; known: {sorted(known)}")
+        raw = check_object(raw, cls)
         method = raw.get("method")
         if method is None and raw.get("model") is not None:
             method = "draft_model"  # vLLM infers the method from a bare draft model
