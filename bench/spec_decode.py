@@ -30,7 +30,8 @@ from bench.common import default_model, git_commit, machine_info, now_utc, write
 
 DEFAULT_SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 TEXTS = [
-    "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n    return total / len(values)\n",
+    "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
+    "    return total / len(values)\n",
     "The meeting is moved to Thursday at 10am in room 4B. Please bring the quarterly numbers and the draft "
     "budget, and send your slides to Maria by Wednesday noon.",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        "

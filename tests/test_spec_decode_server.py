@@ -59,9 +59,9 @@ def test_greedy_completions_counters_and_structured_refusal(server, tiny_llama_c
     engine = snapshot["stats"]["spec_decode"]
     assert engine["num_accepted_tokens"] > 0
     samples = spec_samples(server.base_url)
-    for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
-        ours, theirs = samples[(f"pagedinfer_spec_decode_{field}_total", None)], samples[(f"vllm:spec_decode_{field}_total", None)]
-        assert ours == theirs == engine[field], field
-    positions = [str(p) for p in range(len(engine["num_accepted_tokens_per_pos"]))]
-    for name in ("pagedinfer_spec_decode_num_accepted_tokens_per_pos_total", "vllm:spec_decode_num_accepted_tokens_per_pos_total"):
-        assert [samples[(name, p)] for p in positions] == engine["num_accepted_tokens_per_pos"], name
+    for prefix in ("pagedinfer_spec_decode", "vllm:spec_decode"):
+        for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            assert samples[(f"{prefix}_{field}_total", None)] == engine[field], (prefix, field)
+        per_pos = engine["num_accepted_tokens_per_pos"]
+        name = f"{prefix}_num_accepted_tokens_per_pos_total"
+        assert [samples[(name, str(p))] for p in range(len(per_pos))] == per_pos, prefix
