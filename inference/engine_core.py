@@ -4,6 +4,10 @@
     runner.execute(...)       one forward pass, sampled token ids
     scheduler.update(...)     computed counts, new tokens, token-level stops
 
+With speculative decoding on, the runner also returns each request's
+next draft tokens and the scheduler's update takes them; a step may then
+emit several tokens for one request (`inference/spec_decode/`).
+
 A structured-output request first waits for its grammar, compiled on a
 worker thread (`inference/structured_output.py`); the step that finds it
 compiled hands the scheduler one matcher per sample.
