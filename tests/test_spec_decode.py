@@ -191,6 +191,13 @@ def test_default_model_greedy_is_identical_with_speculation(smollm2_dir):
     assert summary(generate_checked(on, prompts, [params] * 2)) == summary(expected)
     assert on.stats().spec_decode.num_accepted_tokens > 0
 
+    # A stop string met inside an accepted run ends the text where it does without speculation.
+    text = expected[0].outputs[0].text
+    stop = SamplingParams(temperature=0.0, max_tokens=24, stop=[text[12:16]])
+    [want], [got] = off.generate(prompts[:1], stop, use_tqdm=False), on.generate(prompts[:1], stop, use_tqdm=False)
+    assert (got.outputs[0].text, got.outputs[0].finish_reason) == (want.outputs[0].text, "stop")
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids and len(want.outputs[0].text) <= 12
+
 
 def test_structured_outputs_are_refused_while_speculating(tiny_llama_dir):
     from inference.sampling_params import StructuredOutputsParams
