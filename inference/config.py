@@ -154,6 +154,10 @@ class EngineConfig:
         if isinstance(speculative_config, dict):
             speculative_config = SpeculativeConfig.from_dict(speculative_config)
         if speculative_config is not None:
+            if speculative_config.method == "draft_model":
+                from inference.spec_decode.draft_check import check_draft_model
+
+                check_draft_model(speculative_config.model, str(path))
             speculative_config.check_served()
         return cls(
             model=str(path),

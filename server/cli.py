@@ -77,12 +77,18 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def _speculative_config(args: argparse.Namespace):
-    """The parsed --speculative-config, refused unless this build serves its method."""
+    """The parsed --speculative-config: a draft model is checked against the
+    target, and the method refused unless this build serves it."""
     from inference.spec_decode.config import SpeculativeConfig
 
     if args.speculative_config is None:
         return None
     config = SpeculativeConfig.from_json(args.speculative_config)
+    if config.method == "draft_model":
+        from inference.prepare import default_model_dir
+        from inference.spec_decode.draft_check import check_draft_model
+
+        check_draft_model(config.model, args.model or str(default_model_dir()))
     config.check_served()
     return config
 
