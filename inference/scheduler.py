@@ -249,11 +249,13 @@ class Scheduler:
 
     def _num_drafts(self, request: Request, budget: int) -> int:
         """How many of a request's draft tokens to verify this step: none while
-        it computes more than its last token, and no more than the budget,
-        max_model_len (the positions) and max_tokens (what it may emit) allow."""
+        it computes more than its last token, and no more than
+        num_speculative_tokens, the budget, max_model_len (the positions) and
+        max_tokens (what it may emit) allow."""
         if not request.spec_token_ids or request.num_tokens_target - request.num_computed_tokens != 1:
             return 0
-        limit = min(len(request.spec_token_ids), budget, self.config.max_model_len - request.num_tokens)
+        limit = min(len(request.spec_token_ids), self.config.num_speculative_tokens, budget,
+                    self.config.max_model_len - request.num_tokens)
         max_tokens = request.params.max_tokens
         if max_tokens is not None:
             # A step emits at most the accepted drafts and one token more.

@@ -73,6 +73,13 @@ def test_drafts_are_cut_to_max_tokens_and_the_budget():
     assert out.scheduled == [(request, 3)] and out.spec_token_ids == {"r": [11, 12]}
 
 
+def test_drafts_are_cut_to_num_speculative_tokens():
+    s = make()
+    request = prefilled(s, [11, 12, 13, 14, 15])
+    assert s.schedule().spec_token_ids == {"r": [11, 12, 13]}
+    assert request.spec_token_ids == [11, 12, 13, 14, 15]  # scheduling reads the drafts, never cuts them
+
+
 def test_no_room_for_drafts_decodes_plainly_without_preempting():
     s = make(num_blocks=3)
     request = prefilled(s, [11, 12, 13], prompt=tuple(range(1, 12)))  # 11 computed of 12: 3 blocks, all there is
