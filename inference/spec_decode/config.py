@@ -3,10 +3,10 @@
     {"method": "ngram", "num_speculative_tokens": 4,
      "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
-Methods vLLM knows are recognised; `ngram` is served. `suffix` and
-`draft_model` are parsed and checked field by field, but start-up refuses
-them (not built yet) rather than serving them wrongly; any other method is
-unknown. Plain data (no torch): it travels to the front end inside the
+`ngram` is served. `suffix` and `draft_model` are parsed and checked field
+by field (a draft model also against the target: draft_check.py), but
+start-up refuses them (not built yet) rather than serving them wrongly; any
+other method is unknown. Plain data (no torch): it travels to the front end inside the
 engine config.
 
 Invariant: a parsed config is valid for its method: 1 <= num_speculative_tokens
