@@ -13,6 +13,7 @@ from pathlib import Path
 from inference.block_hashing import HASH_ALGOS
 from inference.kv_events_config import KVEventsConfig
 from inference.lora.config import LoRAConfig
+from inference.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
 # "dummy": random weights built on the device, no weight files read (benchmarks
@@ -30,6 +31,8 @@ class SchedulerConfig:
     prefix_caching_hash_algo: str = "sha256_cbor"  # one of inference.block_hashing.HASH_ALGOS
     # Distinct LoRA adapters one step may hold (the device slots); 0: LoRA is off.
     max_loras: int = 0
+    # Draft tokens a request may verify per step; 0: speculative decoding is off.
+    num_speculative_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -66,6 +69,8 @@ class EngineConfig:
     kv_events: KVEventsConfig | None = None
     # Multi-LoRA serving (inference/lora/); None: off.
     lora: LoRAConfig | None = None
+    # Speculative decoding (inference/spec_decode/); None: off.
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def create(
@@ -89,6 +94,7 @@ class EngineConfig:
         prefix_caching_hash_algo: str = "sha256_cbor",
         kv_events: KVEventsConfig | None = None,
         lora: LoRAConfig | None = None,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -154,6 +160,14 @@ class EngineConfig:
             kv_cache_memory = 2 * 1024**3
         if lora is not None and hf_config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"LoRA adapters are served on Llama, Mistral, Qwen2 and Qwen3 models, not {hf_config.model_type}")
+        if isinstance(speculative_config, dict):
+            speculative_config = SpeculativeConfig.from_dict(speculative_config)
+        if speculative_config is not None:
+            if speculative_config.method == "draft_model":
+                from inference.spec_decode.draft_check import check_draft_model
+
+                check_draft_model(speculative_config.model, str(path))
+            speculative_config.check_served()
         return cls(
             model=str(path),
             dtype=dtype,
@@ -175,6 +189,7 @@ class EngineConfig:
             prefix_caching_hash_algo=prefix_caching_hash_algo,
             kv_events=kv_events if kv_events is not None and kv_events.enabled else None,
             lora=lora,
+            speculative=speculative_config,
         )
 
     def describe_dtype(self) -> str:
@@ -189,6 +204,7 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
             max_loras=self.lora.max_loras if self.lora is not None else 0,
+            num_speculative_tokens=self.speculative.num_speculative_tokens if self.speculative is not None else 0,
         )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from inference.config import EngineConfig
 from inference.sampling_params import SamplingParams
+from inference.spec_decode.stats import SpecDecodeStats
 
 LogprobEntry = tuple[float, int, list[int], list[float]]  # chosen lp, its rank, top ids, top lps
 
@@ -45,6 +46,8 @@ class EngineStats:
     # LoRA adapter name -> its running / waiting requests (vLLM's iteration stats); empty without LoRA.
     running_lora_adapters: dict[str, int] = field(default_factory=dict)
     waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding's counters since start (vLLM's spec_decode_*); None when it is off.
+    spec_decode: SpecDecodeStats | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -81,6 +84,10 @@ def check_request(token_ids: list[int], params: SamplingParams, config: EngineCo
         raise ValueError(f"logit_bias and stop_token_ids must be token ids below {vocab_size}, got {bad_ids[0]}")
     if params.n > config.max_num_seqs:
         raise ValueError(f"n is {params.n}, over max_num_seqs {config.max_num_seqs}")
+    if params.structured_outputs is not None and config.speculative is not None:
+        # The drafts would have to pass the grammar token by token; not built.
+        raise ValueError("structured_outputs cannot be combined with speculative decoding "
+                         "(the engine runs with a speculative config)")
 
 
 # ---- front end -> core -------------------------------------------------------
@@ -149,7 +156,7 @@ class SampleOutput:
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length", "abort" or "grammar" (no token could continue it)
     stop_reason: int | None = None  # the stop token id, if one ended it
-    logprobs: LogprobEntry | None = None  # of the new token, when asked for
+    logprobs: list[LogprobEntry] | None = None  # one per new token, when asked for
     prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # (first position, entries) of this chunk
     # The sample's totals so far (see `Request`), for the request's trace span.
     num_preemptions: int = 0

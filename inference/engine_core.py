@@ -4,6 +4,10 @@
     runner.execute(...)       one forward pass, sampled token ids
     scheduler.update(...)     computed counts, new tokens, token-level stops
 
+With speculative decoding on, the runner also returns each request's
+next draft tokens and the scheduler's update takes them; a step may then
+emit several tokens for one request (`inference/spec_decode/`).
+
 A structured-output request first waits for its grammar, compiled on a
 worker thread (`inference/structured_output.py`); the step that finds it
 compiled hands the scheduler one matcher per sample.
@@ -16,6 +20,7 @@ the caller's side. That keeps the core free to run in its own process
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -225,23 +230,24 @@ class EngineCore:
             self.abort_requests([rid for rid, r in self.scheduler.requests.items() if r.parent_id in failed])
             raise StepError(parent_ids, exc) from exc
         now = time.monotonic()
-        sampled = dict(zip(result.request_ids, result.sampled.token_ids))
-        logprobs = dict(zip(result.request_ids, result.sampled.logprobs))
-        progressed = {r.request_id for r in self.scheduler.update(sched, sampled)}
+        logprobs = dict(zip(result.request_ids, result.logprobs))
+        appended = self.scheduler.update(sched, dict(zip(result.request_ids, result.token_ids)), result.draft_token_ids)
         for (request, _), is_prefill in zip(sched.scheduled, prefilling):
             if is_prefill:
                 request.prefill_time += now - scheduled_at
             else:
                 request.decode_time += now - scheduled_at
             rid = request.request_id
-            token_id = sampled.get(rid) if rid in progressed else None  # a token the grammar refused is dropped
+            # Tokens past a stop, or one the grammar refused, were not appended: they are dropped.
+            token_ids = appended.get(rid, [])
+            entries = logprobs.get(rid)
             status = request.status
             outputs.append(SampleOutput(
-                request.parent_id, request.sample_index, [] if token_id is None else [token_id],
+                request.parent_id, request.sample_index, token_ids,
                 num_cached_tokens=request.num_cached_tokens,
                 finish_reason=status.value if status.finished else None,
                 stop_reason=request.stop_reason if status.finished else None,
-                logprobs=logprobs.get(rid),
+                logprobs=entries[: len(token_ids)] if entries is not None else None,
                 prompt_logprobs=result.prompt_logprobs.get(rid),
                 num_preemptions=request.num_preemptions,
                 prefill_time=request.prefill_time,
@@ -283,6 +289,7 @@ class EngineCore:
             kv_cache_bytes=self.runner.kv_cache_bytes,
             rank_memory_bytes=self.runner.rank_memory_bytes,
             num_kv_events_dropped=self.kv_events.num_dropped_events if self.kv_events is not None else 0,
+            spec_decode=copy.deepcopy(self.scheduler.stats.spec_decode) if self.config.speculative else None,
             **self._lora_counts(),
         )
 

@@ -17,8 +17,9 @@ later except for a bind that someone else won in between.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from inference.json_config import parse_object
 
 PUBLISHERS = ("zmq", "null")
 
@@ -45,16 +46,7 @@ class KVEventsConfig:
     @classmethod
     def from_json(cls, text: str) -> KVEventsConfig:
         """Parse and check the flag's JSON; ValueError says what is wrong."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ValueError("must be a JSON object")
-        types = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(raw) - set(types))
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; known: {sorted(types)}")
+        raw = parse_object(text, cls)
         checks = {
             "enable_kv_cache_events": lambda v: isinstance(v, bool),
             "publisher": lambda v: v is None or v in PUBLISHERS,

@@ -30,15 +30,17 @@ class LLM:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
+        speculative_config: dict | None = None,
         **kwargs,
     ) -> None:
+        """`speculative_config`: vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
         if enable_lora:
             kwargs["lora"] = LoRAConfig.create(max_loras, max_lora_rank, max_cpu_loras)
         config = EngineConfig.create(
             model=model, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, **kwargs,
+            enable_prefix_caching=enable_prefix_caching, speculative_config=speculative_config, **kwargs,
         )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()

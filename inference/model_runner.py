@@ -23,6 +23,14 @@ shard of the model and its heads' KV cache; every rank has the same block
 count (the smallest budget wins) and so the same block tables. Each step,
 rank 0 prepares the batch, sends it (`StepPlan`), and every rank runs
 `run_step`; rank 0 alone samples.
+
+With speculative decoding (`inference/spec_decode/`), a request scheduled
+with draft tokens runs its last token and the drafts as one query through
+the paged prefill path (the Triton prefill kernel on GPU, the C++ one on the
+CPU), with logits at each of those positions; `accepted_tokens` keeps the
+drafts the target agrees with, and the proposer guesses the next drafts from
+the request's tokens plus what it emits. Such steps never replay a decode
+CUDA graph (their queries are longer than one token): they run eagerly.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from inference.models import load_model
 from inference.parallel import group
 from inference.parallel.step_message import StepPlan, encode_step
 from inference.sampler import Sampler, SamplerOutput, SamplingRow, gather_logprobs
+from inference.spec_decode.ngram import NgramProposer
+from inference.spec_decode.verify import accepted_tokens
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
 from inference.startup_phases import StartupPhases
@@ -59,10 +69,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass(slots=True)
 class RunnerOutput:
     request_ids: list[str]  # the requests that sampled, in batch order
-    sampled: SamplerOutput
+    token_ids: list[list[int]]  # per request: the tokens it emits (its accepted drafts, then the target's)
+    logprobs: list[list[LogprobEntry] | None]  # per request, of those tokens; None where not asked for
     # request id -> (first prompt position predicted, entries) for requests
     # that asked for prompt logprobs and computed prompt tokens this step
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = field(default_factory=dict)
+    # request id -> the drafts its next step verifies; None when speculation is off
+    draft_token_ids: dict[str, list[int]] | None = None
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -123,6 +136,10 @@ class ModelRunner:
             with phase("warmup"):
                 self.profile_forward(16, 16)
         self.sampler = Sampler(config.device)
+        spec = config.speculative
+        self.proposer = None if spec is None else NgramProposer(
+            spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens
+        )
         self.num_blocks = self._num_kv_blocks(hf_config)
         with phase("kv_cache"):
             self.kv_caches = self._allocate_kv_cache()
@@ -133,6 +150,7 @@ class ModelRunner:
         )
         self.buffers = StepBuffers(
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            max_num_logits=max(config.max_num_batched_tokens, config.max_num_seqs) if spec else config.max_num_seqs,
             max_num_reqs=config.max_num_seqs,
             max_blocks_per_seq=-(-config.max_model_len // self.block_size),
             block_size=self.block_size,
@@ -276,6 +294,7 @@ class ModelRunner:
         scheduled = output.scheduled
         plan = StepPlan(None, output.block_copies)
         rows: list[SamplingRow] = []
+        groups: list[tuple[Request, list[int]]] = []  # (request, its drafts), per request that samples
         prompt_requests: list[tuple[Request, int]] = []  # request, first position
         if scheduled:
             num_reqs = len(scheduled)
@@ -283,27 +302,31 @@ class ModelRunner:
             plan.use_graph = (
                 graphs is not None and num_reqs <= graphs.max_batch_size and all(n == 1 for _, n in scheduled)
             )
-            plan.batch = self.buffers.prepare(scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs)
+            plan.batch = self.buffers.prepare(
+                scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs, output.spec_token_ids
+            )
             if self.lora is not None:
                 request_slots = self.lora.request_slots([request.lora_name for request, _ in scheduled])
                 self.buffers.set_lora_slots(request_slots, plan.batch)
                 plan.lora, plan.lora_loads = True, self.lora.loads
-            rows, prompt_requests = self._plan_logits(scheduled, plan)
+            rows, groups, prompt_requests = self._plan_logits(scheduled, output.spec_token_ids, plan)
         if self.workers is not None and (plan.batch is not None or plan.block_copies):
             self.workers.send(encode_step(self.buffers, plan))
         prompt_logits, logits = self.run_step(plan)
         prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_requests)
-        if not rows:
-            return RunnerOutput([], SamplerOutput([], []), prompt_logprobs)
-        return RunnerOutput([r.request_id for r in rows], self.sampler(logits, rows), prompt_logprobs)
+        sampled = self.sampler(logits, rows) if rows else SamplerOutput([], [])
+        return self._emitted(sampled, groups, prompt_logprobs)
 
     def _plan_logits(
-        self, scheduled: list[tuple[Request, int]], plan: StepPlan
-    ) -> tuple[list[SamplingRow], list[tuple[Request, int]]]:
-        """Fill the plan's logits rows; return the rows to sample and the
-        (request, first position) of each prompt-logprobs range."""
+        self, scheduled: list[tuple[Request, int]], spec_token_ids: dict[str, list[int]], plan: StepPlan
+    ) -> tuple[list[SamplingRow], list[tuple[Request, list[int]]], list[tuple[Request, int]]]:
+        """Fill the plan's logits rows; return the rows to sample (a request
+        with k drafts has k + 1, position j seeing the first j drafts as
+        output), the (request, drafts) they belong to, and the (request,
+        first position) of each prompt-logprobs range."""
         query_start_loc = self.buffers.np["query_start_loc"]
         rows: list[SamplingRow] = []
+        groups: list[tuple[Request, list[int]]] = []
         prompt_requests: list[tuple[Request, int]] = []
         for i, (request, num_new) in enumerate(scheduled):
             start = request.num_computed_tokens
@@ -313,16 +336,43 @@ class ModelRunner:
             if request.params.prompt_logprobs is not None and num_prompt_rows > 0:
                 plan.prompt_rows.append((int(query_start_loc[i]), num_prompt_rows))
                 prompt_requests.append((request, start))
-            if end == request.num_tokens:
-                plan.sample_rows.append(int(query_start_loc[i + 1]) - 1)
+            drafts = spec_token_ids.get(request.request_id, [])
+            if end == request.num_tokens + len(drafts):
+                first_row = int(query_start_loc[i + 1]) - 1 - len(drafts)
                 stop_ids = request.eos_token_ids + tuple(request.params.stop_token_ids)
-                rows.append(
-                    SamplingRow(
+                output_token_ids = request.output_token_ids
+                for j in range(len(drafts) + 1):
+                    plan.sample_rows.append(first_row + j)
+                    rows.append(SamplingRow(
                         request.request_id, request.params, request.prompt_token_ids,
-                        request.output_token_ids, stop_ids, request.sample_index, request.grammar,
-                    )
-                )
-        return rows, prompt_requests
+                        output_token_ids + drafts[:j], stop_ids, request.sample_index, request.grammar,
+                    ))
+                groups.append((request, drafts))
+        return rows, groups, prompt_requests
+
+    def _emitted(
+        self, sampled: SamplerOutput, groups: list[tuple[Request, list[int]]],
+        prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]],
+    ) -> RunnerOutput:
+        """Per request, the tokens it emits (verified against its drafts) with
+        their logprobs, and the drafts its next step verifies."""
+        token_ids: list[list[int]] = []
+        logprobs: list[list[LogprobEntry] | None] = []
+        first = 0
+        for _, drafts in groups:
+            end = first + len(drafts) + 1
+            tokens = accepted_tokens(drafts, sampled.token_ids[first:end])
+            token_ids.append(tokens)
+            # Row j's entry scores the token sampled there: the accepted one.
+            entries = sampled.logprobs[first : first + len(tokens)]
+            logprobs.append(None if entries[0] is None else entries)
+            first = end
+        draft_token_ids = None
+        if self.proposer is not None:
+            speculating = [(r, t) for (r, _), t in zip(groups, token_ids) if not r.spec_off and r.grammar is None]
+            proposals = self.proposer.propose([r.token_ids + t for r, t in speculating])
+            draft_token_ids = {r.request_id: draft for (r, _), draft in zip(speculating, proposals)}
+        return RunnerOutput([r.request_id for r, _ in groups], token_ids, logprobs, prompt_logprobs, draft_token_ids)
 
     @torch.inference_mode()
     def run_step(self, plan: StepPlan) -> tuple[list[torch.Tensor], torch.Tensor | None]:

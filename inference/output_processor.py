@@ -110,11 +110,11 @@ class OutputProcessor:
                 if metrics.first_token_time is None:
                     metrics.first_token_time = step.token_time
                 metrics.last_token_time = step.token_time
-            for token_id in out.new_token_ids:
+            for position, token_id in enumerate(out.new_token_ids):
                 sample.token_ids.append(token_id)
                 sample.num_new += 1
                 if sample.logprobs is not None and out.logprobs is not None:
-                    sample.logprobs.append(self._decode_logprobs(out.logprobs, token_id))
+                    sample.logprobs.append(self._decode_logprobs(out.logprobs[position], token_id))
                 if sample.detokenizer.add_token(token_id):
                     # A stop string on the last allowed token still reads "stop".
                     sample.stop_reason = sample.detokenizer.stop_reason

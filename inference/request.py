@@ -57,6 +57,13 @@ class Request:
     # An xgrammar GrammarMatcher for structured output (or anything with its
     # accept_token / is_terminated); None for free text.
     grammar: Any = None
+    # Speculative decoding: the guesses the next step verifies after the last
+    # token (the scheduler sets them from the runner's proposal), and this
+    # sample's totals, which switch it off when its guesses are mostly wrong.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    spec_off: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -31,6 +31,16 @@ Invariants:
   Once it has been passed over in `LORA_PATIENCE_STEPS` steps, only
   base-model requests are admitted past it, so the running adapters drain
   and it cannot starve.
+- Speculative decoding: a running request with only its last token to
+  compute may carry draft tokens (`spec_token_ids`); it is scheduled for
+  1 + the drafts that fit (budget, max_model_len, max_tokens), listed in
+  `SchedulerOutput.spec_token_ids`, and the pool is asked for their slots
+  (dropped, not preempting anyone, when it has none). After the step
+  `num_computed_tokens` counts only the tokens whose KV is valid (the input
+  token and the accepted drafts); the blocks past ceil(num_computed_tokens /
+  block_size), which only rejected drafts wrote, go straight back to the
+  pool. Prefix caching hashes only full blocks below `num_computed_tokens`,
+  so a rejected draft's KV is never cached.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from inference.block_hashing import BlockHasher
 from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
 from inference.request import Request, RequestStatus
+from inference.spec_decode.stats import SpecDecodeStats, keeps_speculating
 
 
 # Steps a request may wait for an adapter slot while later requests of running adapters pass it.
@@ -57,6 +68,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]]  # (src, dst): copy-on-write before the forward
     finished_request_ids: list[str]  # finished since the last step
     num_batched_tokens: int = 0
+    # request id -> the draft tokens it verifies this step (after its last token)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -65,6 +78,7 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # prompt tokens found cached
     prompt_tokens_computed: int = 0
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 @dataclass(slots=True)
@@ -164,6 +178,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[Request, int] = {}
+        spec: dict[str, list[int]] = {}
         copies: list[tuple[int, int]] = []
         preempted = False
 
@@ -176,9 +191,14 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_target - request.num_computed_tokens, budget)
-            while not self._allocate(request, num_new, copies):
+            num_drafts = self._num_drafts(request, budget - num_new)
+            while not self._allocate(request, num_new + num_drafts, copies):
+                if num_drafts:
+                    num_drafts = 0  # no room for guesses: decode plainly before preempting anyone
+                    continue
                 victim = self.running[-1]
                 budget += scheduled.pop(victim, 0)
+                spec.pop(victim.request_id, None)
                 # The victim's blocks go back to the pool: drop its pending copies.
                 copies[:] = [c for c in copies if c[1] not in victim.block_table]
                 self._preempt(victim)
@@ -186,8 +206,10 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled[request] = num_new
-                budget -= num_new
+                scheduled[request] = num_new + num_drafts
+                budget -= num_new + num_drafts
+                if num_drafts:
+                    spec[request.request_id] = request.spec_token_ids[:num_drafts]
 
         # Admit waiting requests; not after a preemption, which means the pool
         # is already too small for what runs.
@@ -223,7 +245,22 @@ class Scheduler:
         order = {id(r): i for i, r in enumerate(self.running)}
         batch = sorted(scheduled.items(), key=lambda item: order[id(item[0])])
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(batch, copies, finished, self.config.max_num_batched_tokens - budget)
+        return SchedulerOutput(batch, copies, finished, self.config.max_num_batched_tokens - budget, spec)
+
+    def _num_drafts(self, request: Request, budget: int) -> int:
+        """How many of a request's draft tokens to verify this step: none while
+        it computes more than its last token, and no more than
+        num_speculative_tokens, the budget, max_model_len (the positions) and
+        max_tokens (what it may emit) allow."""
+        if not request.spec_token_ids or request.num_tokens_target - request.num_computed_tokens != 1:
+            return 0
+        limit = min(len(request.spec_token_ids), self.config.num_speculative_tokens, budget,
+                    self.config.max_model_len - request.num_tokens)
+        max_tokens = request.params.max_tokens
+        if max_tokens is not None:
+            # A step emits at most the accepted drafts and one token more.
+            limit = min(limit, max_tokens - request.num_output_tokens - 1)
+        return max(limit, 0)
 
     def _lora_fits(self, request: Request, strict: bool) -> bool:
         """Whether admitting `request` keeps the running adapters within `max_loras`
@@ -279,39 +316,72 @@ class Scheduler:
         self.block_manager.free(request.block_table)
         request.block_table = []
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         heapq.heappush(self.waiting, _WaitingEntry(request.sort_key, request))
 
     # ---- after the model ran ---------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests that
-        hit a token-level stop. Returns the requests that got a new token."""
-        progressed = []
+    def update(
+        self, output: SchedulerOutput, sampled: dict[str, list[int]],
+        draft_token_ids: dict[str, list[int]] | None = None,
+    ) -> dict[str, list[int]]:
+        """Advance computed counts, append the sampled tokens (a speculating
+        request's accepted drafts and the token after them), finish requests
+        that hit a token-level stop, and hand each request its next drafts.
+        Returns request id -> the tokens appended, for those that got any:
+        a stop inside an accepted run drops the tokens after it."""
+        appended: dict[str, list[int]] = {}
         for request, num_new in output.scheduled:
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            token_ids = sampled.get(request.request_id, [])
+            num_drafts = len(output.spec_token_ids.get(request.request_id, ()))
+            if num_drafts:
+                num_accepted = len(token_ids) - 1
+                self.stats.spec_decode.observe(num_drafts, num_accepted)
+                request.num_draft_tokens += num_drafts
+                request.num_accepted_tokens += num_accepted
+                request.spec_off = not keeps_speculating(request.num_draft_tokens, request.num_accepted_tokens)
+                num_new -= num_drafts - num_accepted  # the rejected drafts' KV is garbage
             if request.num_computed_tokens < request.num_prompt_tokens:
                 self.stats.prompt_tokens_computed += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
             request.num_computed_tokens += num_new
+            self._free_rejected(request)
+            # Appended before the blocks are hashed: accepted drafts are computed tokens already.
+            token_ids, status = self._append(request, token_ids)
             self._cache_full_blocks(request)
             if request.pending_samples and request.num_computed_tokens == request.num_tokens_target:
                 self._fork(request)
-            token_id = sampled.get(request.request_id)
-            if token_id is None:
-                continue
+            if token_ids:
+                appended[request.request_id] = token_ids
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            elif draft_token_ids is not None:
+                request.spec_token_ids = [] if request.spec_off else draft_token_ids.get(request.request_id, [])
+        return appended
+
+    def _append(self, request: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """Append tokens one by one, as if each came from its own step, until
+        one ends the request: the tokens appended, and how it ends (None: it goes on)."""
+        for count, token_id in enumerate(token_ids):
             if request.grammar is not None and not request.grammar.accept_token(token_id):
-                self.finish_request(request.request_id, RequestStatus.FINISHED_GRAMMAR)
-                continue
+                return token_ids[:count], RequestStatus.FINISHED_GRAMMAR
             request.token_ids.append(token_id)
-            progressed.append(request)
             status = self._check_stop(request, token_id)
             if status is None and request.grammar is not None and request.grammar.is_terminated():
                 status = RequestStatus.FINISHED_STOPPED  # complete, even where EOS is ignored
             if status is not None:
-                self.finish_request(request.request_id, status)
-        return progressed
+                return token_ids[: count + 1], status
+        return token_ids, None
+
+    def _free_rejected(self, request: Request) -> None:
+        """Give back the blocks past the valid tokens: only rejected drafts wrote them."""
+        num_needed = -(-request.num_computed_tokens // self.block_size)
+        if len(request.block_table) > num_needed:
+            self.block_manager.free(request.block_table[num_needed:])
+            del request.block_table[num_needed:]
 
     def _cache_full_blocks(self, request: Request) -> None:
         if not self.config.enable_prefix_caching:

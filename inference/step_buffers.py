@@ -53,6 +53,7 @@ class StepBuffers:
     def __init__(
         self, max_num_tokens: int, max_num_reqs: int, max_blocks_per_seq: int, block_size: int,
         scratch_block_id: int, device: torch.device, decode_workspace: torch.Tensor | None = None,
+        max_num_logits: int | None = None,
     ) -> None:
         assert max_num_tokens >= max_num_reqs, "a padded decode batch must fit the token buffers"
         self.block_size = block_size
@@ -70,7 +71,8 @@ class StepBuffers:
             "slot_mapping": host(max_num_tokens, dtype=torch.int64),
             "seq_lens": host(max_num_reqs, dtype=torch.int32),
             "query_start_loc": host(max_num_reqs + 1, dtype=torch.int32),
-            "logits_indices": host(max_num_reqs, dtype=torch.int64),
+            # One row per request, or with speculative decoding one per draft token too.
+            "logits_indices": host(max_num_logits or max_num_reqs, dtype=torch.int64),
             "block_tables": host(max_num_reqs, max_blocks_per_seq, dtype=torch.int32),
             "lora_slots": host(max_num_tokens, dtype=torch.int32),
         }
@@ -82,10 +84,15 @@ class StepBuffers:
             for name, t in self._host.items()
         }
 
-    def prepare(self, scheduled: list[tuple[Request, int]], num_padded_reqs: int) -> StepBatch:
+    def prepare(
+        self, scheduled: list[tuple[Request, int]], num_padded_reqs: int,
+        spec_token_ids: dict[str, list[int]] | None = None,
+    ) -> StepBatch:
         """Fill the host buffers for these (request, num_new_tokens) pairs and
         copy them to the device; rows num_reqs..num_padded_reqs-1 are padding
-        of one token each."""
+        of one token each. A request with drafts in `spec_token_ids` runs them
+        after its own tokens (its num_new_tokens counts them)."""
+        spec_token_ids = spec_token_ids or {}
         self.wait_for_copies()
         h = self.np
         bs = self.block_size
@@ -104,7 +111,9 @@ class StepBuffers:
             tables[i, : len(table)] = table
             tables[i, len(table) :] = -1
         h["input_ids"][:num_tokens] = list(
-            itertools.chain.from_iterable(r.token_ids[s:e] for (r, _), s, e in zip(scheduled, starts, ends))
+            itertools.chain.from_iterable(
+                r.token_ids[s:e] + spec_token_ids.get(r.request_id, []) for (r, _), s, e in zip(scheduled, starts, ends)
+            )
         )
         rows = np.repeat(np.arange(num_reqs), num_new)
         positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_reqs], num_new)

@@ -2,7 +2,7 @@
 
 A bad flag stops the command before anything loads, with exit code 2 (as
 argparse does): argparse's own checks print the usage too; the checks of
-`check_args` (the JSON of --kv-events-config, the hash algorithm, whether
+`check_args` (the JSON of --kv-events-config and --speculative-config, the hash algorithm, whether
 the event endpoints can be bound, the OTLP traces endpoint and protocol)
 print one line saying what is wrong.
 """
@@ -60,6 +60,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="block hash: sha256_cbor is vLLM's, which routers recompute (share PYTHONHASHSEED across "
              "the fleet); sha256 is pagedinfer's older, cheaper one",
     )
+    parser.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+             '"prompt_lookup_min": 2, "prompt_lookup_max": 5}',
+    )
     add_lora_args(parser)
 
 
@@ -85,7 +90,25 @@ def engine_config_from_args(args: argparse.Namespace):
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
         kv_events=_kv_events_config(args),
         lora=lora_config_from_args(args),
+        speculative_config=_speculative_config(args),
     )
+
+
+def _speculative_config(args: argparse.Namespace):
+    """The parsed --speculative-config: a draft model is checked against the
+    target, and the method refused unless this build serves it."""
+    from inference.spec_decode.config import SpeculativeConfig
+
+    if args.speculative_config is None:
+        return None
+    config = SpeculativeConfig.from_json(args.speculative_config)
+    if config.method == "draft_model":
+        from inference.prepare import default_model_dir
+        from inference.spec_decode.draft_check import check_draft_model
+
+        check_draft_model(config.model, args.model or str(default_model_dir()))
+    config.check_served()
+    return config
 
 
 def _kv_events_config(args: argparse.Namespace):
@@ -113,6 +136,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         lora_config_from_args(args)
     except ValueError as exc:
         return str(exc)
+    try:
+        _speculative_config(args)
+    except ValueError as exc:
+        return f"argument --speculative-config: {exc}"
     try:
         config = _kv_events_config(args)
     except ValueError as exc:

@@ -17,7 +17,8 @@ engine's KV blocks, on whatever device), `enable_prefix_caching`,
 `prefix_caching_hash_algo` and `engine` ("0"); like vLLM's, it carries no
 `model_name`. It appears once the model is loaded. With --enable-lora,
 `server/lora_metrics.py` adds vLLM's `vllm:lora_requests_info` and
-per-adapter request gauges.
+per-adapter request gauges; with --speculative-config,
+`server/spec_decode_metrics.py` adds the speculative decoding counters.
 
 What counts as what:
 - the histograms observe once per request (the prompt given to the engine;
@@ -50,6 +51,7 @@ from prometheus_client.registry import Collector
 from server.histogram import Histogram
 
 from server.lora_metrics import LoRAMetrics
+from server.spec_decode_metrics import SpecDecodeMetrics
 
 if TYPE_CHECKING:
     from inference.engine import EngineStats
@@ -129,6 +131,7 @@ class EngineMetrics(Collector):
         self._last_token_time: dict[str, float] = {}
         self.trace_ids: dict[str, str] = {}  # engine request id -> trace id, while traced requests run
         self._lora = LoRAMetrics(self.model_name)
+        self._spec_decode = SpecDecodeMetrics(self.model_name)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -183,6 +186,7 @@ class EngineMetrics(Collector):
             free_blocks=stats.num_free_blocks,
             total_blocks=stats.num_total_blocks,
         )
+        self._spec_decode.record(stats)
         engine = self.state.engine
         if engine is not None and engine.config is not None and engine.config.lora is not None:
             self._lora.record(stats, engine.config.lora.max_loras)
@@ -240,6 +244,7 @@ class EngineMetrics(Collector):
             yield from self._cache_config_info()
         yield from self._startup()
         yield from self._lora.collect()
+        yield from self._spec_decode.collect(self.vllm_names)
         for key, spec in HISTOGRAMS.items():
             buckets, total = histograms[key]
             for name in self._names(spec):

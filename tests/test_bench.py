@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `bench` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import common, compare, lora, overhead, serve, soak, throughput  # noqa: E402
+from bench import common, compare, lora, overhead, serve, soak, spec_decode, throughput  # noqa: E402
 from bench.peers import servers  # noqa: E402
 
 
@@ -106,6 +106,22 @@ def test_lora_bench_base_and_adapters(tiny_folder, tmp_path, capsys):
     assert all(r["generated_tokens"] == 18 for r in report["throughput"])
     assert report["throughput"][2]["swaps_in"] >= 3  # three adapters through two slots
     assert report["step"]["lora_ms"] > 0 and "paired ratios" in capsys.readouterr().out
+
+
+def test_spec_decode_bench_on_and_off(tiny_folder, tmp_path):
+    out = tmp_path / "spec_decode.json"
+    code = spec_decode.main([
+        "--model", str(tiny_folder), "--num-prompts", "2", "--output-len", "6", "--concurrency", "1,2",
+        "--kv-cache-memory", str(16 << 20), "--speculative-config",
+        '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}',
+        "--out", str(out),
+    ])
+    rows = json.loads(out.read_text())["results"]
+    assert code == 0
+    assert [(r["workload"], r["concurrency"]) for r in rows] == [("copy", 1), ("copy", 2), ("free", 1), ("free", 2)]
+    for row in rows:
+        assert row["identical_outputs"] and row["output_tokens"] > 0 and row["speedup"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1 and 1 <= row["mean_accepted_length"] <= 4
 
 
 @pytest.mark.slow

@@ -402,3 +402,29 @@ def test_engine_greedy_tokens_match_reference_path(
     monkeypatch.setenv(kernels.INTERPRET_ENV, "1")
     assert greedy() == expected
     assert {"kv_store", "decode_attention", "prefill_attention"} <= set(calls)
+
+
+def test_engine_verifies_drafts_through_the_prefill_kernel(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speculative decoding's verifying steps (a request's last token and its drafts as one query over its
+    paged context) run through the Triton prefill kernel and give the reference path's greedy tokens
+    without speculation. One-token prompts: only verifying steps have queries longer than one token."""
+    _need_kernels("cpu")
+    from inference import LLM, SamplingParams
+
+    prompts = [[5], [7], [9]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def greedy(**kwargs) -> tuple[LLM, list[list[int]]]:
+        llm = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, block_size=16, **kwargs)
+        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    monkeypatch.delenv(kernels.INTERPRET_ENV, raising=False)
+    _, expected = greedy()
+    calls: list[str] = []
+    real_import = kernels._import_kernel
+    monkeypatch.setattr(kernels, "_import_kernel", lambda name, device: calls.append(name) or real_import(name, device))
+    monkeypatch.setenv(kernels.INTERPRET_ENV, "1")
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    llm, tokens = greedy(speculative_config=spec)
+    assert tokens == expected
+    assert llm.stats().spec_decode.num_accepted_tokens > 0 and "prefill_attention" in calls

@@ -27,7 +27,7 @@ def run(s: Scheduler) -> tuple[list[set[str]], dict[str, int]]:
         loras_per_step.append({r.lora_name for r, _ in out.scheduled if r.lora_name})
         for r, _ in out.scheduled:
             first_step.setdefault(r.request_id, len(loras_per_step))
-        s.update(out, {r.request_id: 9 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
+        s.update(out, {r.request_id: [9] for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
     return loras_per_step, first_step
 
 
@@ -55,7 +55,7 @@ def test_a_waiting_adapter_is_not_starved_by_a_busy_one():
         s.add_request(request(f"a{steps + 1}", "a", 2.0 + steps))
         out = s.schedule()
         assert len({r.lora_name for r, _ in out.scheduled}) == 1
-        s.update(out, {r.request_id: 9 for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
+        s.update(out, {r.request_id: [9] for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens})
         steps += 1
         assert steps < LORA_PATIENCE_STEPS + 20, "b0 never ran"
     assert steps > LORA_PATIENCE_STEPS  # "a" requests passed it meanwhile

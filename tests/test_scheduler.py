@@ -30,7 +30,7 @@ def request(rid: str, prompt: list[int], max_tokens=4, n=1, priority=0, arrival=
 
 def step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    sampled = {r.request_id: token for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
+    sampled = {r.request_id: [token] for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
     s.update(out, sampled)
     return out
 

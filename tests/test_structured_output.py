@@ -166,7 +166,7 @@ def test_a_request_waiting_for_its_grammar_holds_no_batch_slot():
     out = scheduler.schedule()
     assert [r.request_id for r, _ in out.scheduled] == ["f"]  # max_num_seqs is 1: "s" takes no seat
     assert waiting.block_table == []
-    scheduler.update(out, {"f": 7})
+    scheduler.update(out, {"f": [7]})
     scheduler.grammar_ready("s", _Matcher)
     out = scheduler.schedule()
     assert [r.request_id for r, _ in out.scheduled] == ["s"] and isinstance(waiting.grammar, _Matcher)

@@ -1,0 +1,100 @@
+"""A bad --speculative-config stops `serve` before anything loads: exit code 2
+and one line saying what is wrong; the parser fills in vLLM's defaults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from server_fixtures import REPO
+
+from inference.config import EngineConfig
+from inference.spec_decode.config import SpeculativeConfig
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"method": "medusa", "num_speculative_tokens": 2}, "unknown method 'medusa'"),
+    ({"method": "ngram", "num_speculative_tokens": 17}, "bad num_speculative_tokens: 17"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min: 4 is over prompt_lookup_max 2"),
+    ({"method": "draft_model", "model": "/nowhere", "num_speculative_tokens": 2}, "/nowhere has no config.json"),
+])
+def test_bad_config_exits_2_with_one_line(config, words):
+    done = serve("--speculative-config", json.dumps(config))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagedinfer serve: error: argument --speculative-config: "), lines
+    assert words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "not valid JSON"),
+    ("[1]", "must be a JSON object"),
+    ('{"method": "ngram"}', "needs num_speculative_tokens"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "bad num_speculative_tokens: 0"),
+    ('{"method": "ngram", "num_speculative_tokens": true}', "bad num_speculative_tokens: True"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 0}', "bad prompt_lookup_max: 0"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1.5}', "bad prompt_lookup_min"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}', "do not apply to method 'ngram'"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}', "unknown field(s) ['lookahead']"),
+    ('{"method": "suffix", "suffix_decoding_min_token_prob": 2}', "bad suffix_decoding_min_token_prob"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs model"),
+])
+def test_parser_names_what_is_wrong(text, words):
+    with pytest.raises(ValueError) as info:
+        SpeculativeConfig.from_json(text)
+    assert words in str(info.value)
+
+
+def copy_config(source, folder, **changes):
+    """A model folder holding `source`'s tokenizer and config.json with `changes` (no weights: only they are read)."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name != "model.safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_draft_model_is_checked_against_the_target(tiny_llama_dir, tmp_path):
+    from inference.spec_decode.draft_check import check_draft_model
+
+    target = str(tiny_llama_dir)
+    with pytest.raises(ValueError, match="draft model vocab_size 512 differs from the target's 384"):
+        check_draft_model(str(copy_config(tiny_llama_dir, tmp_path / "vocab", vocab_size=512)), target)
+    other_tokenizer = copy_config(tiny_llama_dir, tmp_path / "tokenizer")
+    tokenizer = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        check_draft_model(str(other_tokenizer), target)
+    with pytest.raises(ValueError, match="not smaller than the target"):
+        check_draft_model(target, target)
+    check_draft_model(str(copy_config(tiny_llama_dir, tmp_path / "small", num_hidden_layers=1)), target)
+    # A fit draft still stops the start: the method is not served yet.
+    small = str(tmp_path / "small")
+    done = serve("--model", target, "--speculative-config",
+                 json.dumps({"method": "draft_model", "model": small, "num_speculative_tokens": 2}))
+    assert done.returncode == 2 and "not available in this build" in done.stderr, done.stderr
+    with pytest.raises(ValueError, match="not available in this build"):
+        EngineConfig.create(model=target, speculative_config={"model": small, "num_speculative_tokens": 2})
+
+
+def test_defaults_are_vllms():
+    ngram = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 3}')
+    assert (ngram.prompt_lookup_min, ngram.prompt_lookup_max) == (5, 5)
+    one_sided = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4})
+    assert (one_sided.prompt_lookup_min, one_sided.prompt_lookup_max) == (4, 4)
+    suffix = SpeculativeConfig.from_dict({"method": "suffix"})
+    assert (suffix.num_speculative_tokens, suffix.suffix_decoding_max_tree_depth) == (16, 24)
+    assert SpeculativeConfig.from_dict({"model": "/draft", "num_speculative_tokens": 2}).method == "draft_model"
