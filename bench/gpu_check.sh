@@ -27,7 +27,8 @@
 #      xgrammar) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
 #      prepared model), the fused MoE kernel (tests/test_moe_kernel.py -k
-#      cuda). A test file missing from this checkout is
+#      cuda), the LoRA kernels and LoRA under the decode graphs
+#      (tests/test_lora_kernels.py, tests/test_lora_cuda_graphs.py). A test file missing from this checkout is
 #      reported as MISSING (the exit status stays 0 for it).
 #   2. bench/kernels.py: the kernel microbenchmarks (about 3 minutes: decode and
 #      prefill against SDPA under CUDA-graph replay, eager host time per call,
@@ -165,6 +166,9 @@ test_step tests_structured 60 tests/test_structured_output.py -k cuda
 # prepared on a bare GPU machine.
 test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"
 test_step tests_moe_kernel 60 tests/test_moe_kernel.py -k cuda
+# The LoRA shrink/expand kernels, and the decode graphs captured with them (-k cuda takes the
+# whole graphs file by its name: its CPU cases are quick).
+test_step tests_lora 90 tests/test_lora_kernels.py tests/test_lora_cuda_graphs.py -k cuda
 
 echo "== 2. kernel benchmark ($mode)"
 run_step bench_kernels 240 "$PY" -m bench.kernels "${kernels_args[@]}" --out "$stage/kernels.json"
