@@ -71,6 +71,10 @@ class EngineConfig:
     lora: LoRAConfig | None = None
     # Speculative decoding (inference/spec_decode/); None: off.
     speculative: SpeculativeConfig | None = None
+    # torch threads of a CPU engine (inference/cpu_threads.py): a count; "auto",
+    # measured at start-up leaving the front end a core unless the engine needs
+    # it (serve's default); None: torch's default, one a core (offline).
+    engine_threads: int | str | None = None
 
     @classmethod
     def create(
@@ -95,6 +99,7 @@ class EngineConfig:
         kv_events: KVEventsConfig | None = None,
         lora: LoRAConfig | None = None,
         speculative_config: SpeculativeConfig | dict | None = None,
+        engine_threads: int | str | None = None,
     ) -> EngineConfig:
         import torch
         from transformers import AutoConfig
@@ -168,6 +173,13 @@ class EngineConfig:
 
                 check_draft_model(speculative_config.model, str(path))
             speculative_config.check_served()
+        if engine_threads is not None and engine_threads != "auto" and not (
+                isinstance(engine_threads, int) and engine_threads >= 1):
+            raise ValueError(f"engine_threads must be 'auto' or a count >= 1, got {engine_threads!r}")
+        if on_gpu or tensor_parallel_size > 1:
+            # A GPU step's host threads are not the bottleneck; tensor-parallel ranks
+            # take rank 0's count at spawn, before a model exists to measure.
+            engine_threads = None if engine_threads == "auto" else engine_threads
         return cls(
             model=str(path),
             dtype=dtype,
@@ -190,6 +202,7 @@ class EngineConfig:
             kv_events=kv_events if kv_events is not None and kv_events.enabled else None,
             lora=lora,
             speculative=speculative_config,
+            engine_threads=engine_threads,
         )
 
     def describe_dtype(self) -> str:

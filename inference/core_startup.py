@@ -5,7 +5,8 @@
     memory_plan(config, ...)    `pagedinfer plan`'s numbers, before loading;
                                 a model the GPU cannot hold stops here
     start_runner(config, ...)   rank 0's model runner, with the other
-                                tensor-parallel ranks started first
+                                tensor-parallel ranks started first, on
+                                the engine's thread count
 
 Invariants: each runs once per engine; a failure says why in one message
 (the plan's shortfall, or a tensor-parallel rank's own error rather than the
@@ -14,6 +15,7 @@ collective that failed after it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -23,6 +25,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, GenerationConfig
 
 from inference.config import EngineConfig
+from inference.cpu_threads import choose_num_threads
 from inference.memory_plan import MemoryPlan, plan, weight_bytes
 from inference.model_runner import ModelRunner
 from inference.parallel.workers import FAILURE_REPORT_S, TensorParallelWorkers
@@ -83,6 +86,19 @@ def memory_plan(config: EngineConfig, hf_config) -> MemoryPlan | None:
 
 
 def start_runner(config: EngineConfig, hf_config) -> ModelRunner:
+    """Rank 0's runner, on the engine's thread count (`engine_threads`: set
+    first, so tensor-parallel ranks take it; or measured on the loaded model)."""
+    if isinstance(config.engine_threads, int):
+        torch.set_num_threads(config.engine_threads)
+    runner = _start_ranks(config, hf_config)
+    if config.engine_threads == "auto":
+        with runner.startup.phase("cpu_threads"):
+            # A decode-shaped step of 16 requests: what serving repeats.
+            choose_num_threads(functools.partial(runner.profile_forward, 16, 16), torch.get_num_threads())
+    return runner
+
+
+def _start_ranks(config: EngineConfig, hf_config) -> ModelRunner:
     """Rank 0's runner, with ranks 1..N-1 started and joined first under tensor parallelism."""
     if config.tensor_parallel_size == 1:
         return ModelRunner(config, hf_config)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 # The order of the log line; phases a start-up did not run are left out.
 PHASES = ("frontend_imports", "core_spawn_imports", "config", "tokenizer", "cpu_kernels", "weights",
-          "kv_cache", "warmup", "autotune", "graph_capture", "frontend_tokenizer")
+          "kv_cache", "warmup", "cpu_threads", "autotune", "graph_capture", "frontend_tokenizer")
 
 
 @dataclass(slots=True)

@@ -107,6 +107,9 @@ def test_startup_phases_are_logged_and_exported(loading):
     assert phases["core_spawn_imports"] > 0.2 and sum(phases[p] for p in core) < phases["total"]
     # The engine config's share counts too: its first AutoConfig imports the model's config class.
     assert phases["config"] > 0.05
+    # serve's engine threads are measured by default, and the pick is logged with its timings.
+    assert phases.get("cpu_threads", -1) >= 0, phases
+    assert "engine threads: " in server.log_tail(100_000)
     line = next(line for line in server.log_tail(100_000).splitlines() if " start-up " in line)
     assert f"start-up {phases['total']:.2f} s: frontend_imports" in line and "GB/s" in line, line
 
