@@ -8,7 +8,9 @@ first, then running prefills, then waiting requests; prefills are chunked to
 fit the budget.
 
 Invariants:
-- Only the scheduler mutates `Request`s and the block manager.
+- Only the scheduler mutates `Request`s and the block manager (its own
+  parts included: `request_blocks` hands out, caches and frees a request's
+  blocks, `stop_check` appends tokens and ends requests).
 - A running request's `block_table` holds exactly
   ceil((num_computed_tokens + tokens scheduled) / block_size) blocks.
 - `running` is sorted by `Request.sort_key` (priority, then arrival); the
@@ -51,10 +53,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.block_hashing import BlockHasher
 from inference.block_manager import BlockManager
 from inference.config import SchedulerConfig
 from inference.request import Request, RequestStatus
+from inference.request_blocks import RequestBlocks
+from inference.stop_check import append_tokens
 from inference.spec_decode.stats import SpecDecodeStats, keeps_speculating
 
 
@@ -95,7 +98,8 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.block_size = config.block_size
-        self.hasher = BlockHasher.create(config.prefix_caching_hash_algo)
+        self.blocks = RequestBlocks(block_manager, config.block_size, config.enable_prefix_caching,
+                                    config.prefix_caching_hash_algo)
         self.waiting: list[_WaitingEntry] = []  # heap
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -192,7 +196,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_target - request.num_computed_tokens, budget)
             num_drafts = self._num_drafts(request, budget - num_new)
-            while not self._allocate(request, num_new + num_drafts, copies):
+            while not self.blocks.allocate(request, num_new + num_drafts, copies):
                 if num_drafts:
                     num_drafts = 0  # no room for guesses: decode plainly before preempting anyone
                     continue
@@ -225,10 +229,10 @@ class Scheduler:
                 strict = strict or waits > LORA_PATIENCE_STEPS
                 continue
             self._lora_waits.pop(request.request_id, None)
-            hits = self._lookup_prefix(request)
+            hits = self.blocks.lookup_prefix(request)
             num_cached = len(hits) * self.block_size
             num_new = min(request.num_tokens_target - num_cached, budget)
-            if not self._allocate(request, num_new, copies, hits):
+            if not self.blocks.allocate(request, num_new, copies, hits):
                 break
             heapq.heappop(self.waiting)
             if self.config.enable_prefix_caching:
@@ -272,45 +276,6 @@ class Scheduler:
         running = {r.lora_name for r in self.running if r.lora_name is not None}
         return request.lora_name in running or len(running) < self.config.max_loras
 
-    def _lookup_prefix(self, request: Request) -> list[int]:
-        """Block ids of the cached prefix a request being admitted can reuse."""
-        if not self.config.enable_prefix_caching or request.params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
-        request.block_hashes = self.hasher.hash_blocks(
-            request.token_ids, self.block_size, request.cache_salt, request.block_hashes, request.lora_name
-        )
-        max_blocks = (request.num_tokens_target - 1) // self.block_size
-        return self.block_manager.lookup(request.block_hashes[:max_blocks])
-
-    def _allocate(
-        self, request: Request, num_new: int, copies: list[tuple[int, int]], hits: list[int] = ()
-    ) -> bool:
-        """Give `request` the blocks for `num_new` more tokens (after the cached
-        prefix `hits`, for a request being admitted). False if the pool cannot,
-        in which case nothing changed."""
-        bm = self.block_manager
-        num_computed = len(hits) * self.block_size if hits else request.num_computed_tokens
-        num_held = len(hits) if hits else len(request.block_table)
-        num_fresh = max(-(-(num_computed + num_new) // self.block_size) - num_held, 0)
-        write_index = num_computed // self.block_size
-        shared_tail = (
-            write_index < len(request.block_table)
-            and bm.blocks[request.block_table[write_index]].ref_cnt > 1
-        )
-        if bm.num_blocks_to_acquire(hits) + num_fresh + shared_tail > bm.num_free_blocks:
-            return False
-        if hits:
-            bm.acquire(hits)
-            request.block_table = list(hits)
-            request.num_computed_tokens = num_computed
-        if shared_tail:
-            src = request.block_table[write_index]
-            dst = bm.copy_on_write(src)
-            request.block_table[write_index] = dst
-            copies.append((src, dst))
-        request.block_table.extend(bm.allocate(num_fresh))
-        return True
-
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free(request.block_table)
@@ -348,10 +313,10 @@ class Scheduler:
             if request.num_computed_tokens < request.num_prompt_tokens:
                 self.stats.prompt_tokens_computed += min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
             request.num_computed_tokens += num_new
-            self._free_rejected(request)
+            self.blocks.free_uncomputed(request)
             # Appended before the blocks are hashed: accepted drafts are computed tokens already.
-            token_ids, status = self._append(request, token_ids)
-            self._cache_full_blocks(request)
+            token_ids, status = append_tokens(request, token_ids, self.config.max_model_len)
+            self.blocks.cache_full_blocks(request)
             if request.pending_samples and request.num_computed_tokens == request.num_tokens_target:
                 self._fork(request)
             if token_ids:
@@ -362,63 +327,9 @@ class Scheduler:
                 request.spec_token_ids = [] if request.spec_off else draft_token_ids.get(request.request_id, [])
         return appended
 
-    def _append(self, request: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
-        """Append tokens one by one, as if each came from its own step, until
-        one ends the request: the tokens appended, and how it ends (None: it goes on)."""
-        for count, token_id in enumerate(token_ids):
-            if request.grammar is not None and not request.grammar.accept_token(token_id):
-                return token_ids[:count], RequestStatus.FINISHED_GRAMMAR
-            request.token_ids.append(token_id)
-            status = self._check_stop(request, token_id)
-            if status is None and request.grammar is not None and request.grammar.is_terminated():
-                status = RequestStatus.FINISHED_STOPPED  # complete, even where EOS is ignored
-            if status is not None:
-                return token_ids[: count + 1], status
-        return token_ids, None
-
-    def _free_rejected(self, request: Request) -> None:
-        """Give back the blocks past the valid tokens: only rejected drafts wrote them."""
-        num_needed = -(-request.num_computed_tokens // self.block_size)
-        if len(request.block_table) > num_needed:
-            self.block_manager.free(request.block_table[num_needed:])
-            del request.block_table[num_needed:]
-
-    def _cache_full_blocks(self, request: Request) -> None:
-        if not self.config.enable_prefix_caching:
-            return
-        num_full = request.num_computed_tokens // self.block_size
-        if num_full > len(request.block_hashes):
-            request.block_hashes = self.hasher.hash_blocks(
-                request.token_ids[: num_full * self.block_size], self.block_size,
-                request.cache_salt, request.block_hashes, request.lora_name,
-            )
-        self.block_manager.cache_blocks(
-            request.block_table[:num_full], request.block_hashes[:num_full], request.token_ids, request.cache_salt,
-            request.lora_name, request.lora_id,
-        )
-
     def _fork(self, leader: Request) -> None:
         for sample in leader.pending_samples:
-            self.block_manager.acquire(leader.block_table)
-            sample.block_table = list(leader.block_table)
-            sample.block_hashes = list(leader.block_hashes)
-            sample.num_computed_tokens = leader.num_computed_tokens
+            self.blocks.share(leader, sample)
             sample.status = RequestStatus.RUNNING
             bisect.insort(self.running, sample, key=lambda r: r.sort_key)
         leader.pending_samples = []
-
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.params
-        num_output = request.num_output_tokens
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token_id in request.eos_token_ids:
-                request.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and num_output >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None

@@ -82,7 +82,7 @@ def test_prefix_cache_is_per_adapter(base_and_adapters):
     assert cached(None) == 0
     assert cached(chat) == 48
     core = llm.engine.core
-    first = sha256_cbor((core.scheduler.hasher.none_hash, tuple(prompt[:16]), ("sql",)))
+    first = sha256_cbor((core.scheduler.blocks.hasher.none_hash, tuple(prompt[:16]), ("sql",)))
     second = sha256_cbor((first, tuple(prompt[16:32]), ("sql",)))
     assert first in core.block_manager.cached and second in core.block_manager.cached
 

@@ -64,8 +64,8 @@ def test_different_salts_never_share_blocks(engines):
     assert engine.scheduler.requests["a-again"].num_cached_tokens == 48
     while engine.has_unfinished_requests():
         engine.step()
-    a = engine.scheduler.hasher.hash_blocks(prompt, 16, "tenant-a")
-    b = engine.scheduler.hasher.hash_blocks(prompt, 16, "tenant-b")
+    a = engine.scheduler.blocks.hasher.hash_blocks(prompt, 16, "tenant-a")
+    b = engine.scheduler.blocks.hasher.hash_blocks(prompt, 16, "tenant-b")
     assert not set(a) & set(b)
 
 
@@ -79,7 +79,7 @@ def _check_pool(scheduler) -> None:
             refs[block_id] += 1
     assert [b.ref_cnt for b in bm.blocks] == refs
     for request in scheduler.running:
-        expected = scheduler.hasher.hash_blocks(
+        expected = scheduler.blocks.hasher.hash_blocks(
             request.token_ids[: request.num_computed_tokens], bm.block_size, request.cache_salt
         )
         for block_id, block_hash in zip(request.block_table, expected):
