@@ -42,25 +42,23 @@ class SuffixProposer:
         self.max_spec_factor = config.suffix_decoding_max_spec_factor
         self.min_token_prob = config.suffix_decoding_min_token_prob
         self.cache = SuffixDecodingCache(self.max_tree_depth, config.suffix_decoding_max_cached_requests)
-        self._started: set[str] = set()
 
     def propose(
         self, speculating: list[tuple[Request, list[int]]], finished_request_ids: list[str]
     ) -> list[list[int]]:
-        """proposer.Proposer's step. Finished requests are stopped first, so
-        their whole output is among the earlier responses this step drafts from."""
+        """proposer.Proposer's step. Stopping a finished request frees the
+        tree of its prompt; its answer stays among the recent responses."""
+        active = self.cache.active_requests  # started, not yet stopped
         for request_id in finished_request_ids:
-            if request_id in self._started:
-                self._started.remove(request_id)
+            if request_id in active:
                 self.cache.stop_request(request_id)
         return [self._draft(request, emitted) for request, emitted in speculating]
 
     def _draft(self, request: Request, emitted: list[int]) -> list[int]:
         request_id = request.request_id
         new_tokens = emitted
-        if request_id not in self._started:
+        if request_id not in self.cache.active_requests:
             self.cache.start_request(request_id, request.prompt_token_ids)
-            self._started.add(request_id)
             new_tokens = request.output_token_ids + emitted  # its first sampling step: no output yet, as a rule
         self.cache.add_active_response(request_id, new_tokens)
         # Only the last max_tree_depth tokens can match (the library would cut the rest itself, after a copy).
@@ -69,4 +67,4 @@ class SuffixProposer:
             request_id, context, max_spec_tokens=self.num_speculative_tokens,
             max_spec_factor=self.max_spec_factor, min_token_prob=self.min_token_prob,
         )
-        return list(draft.token_ids)
+        return draft.token_ids
