@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model cpu-kernels browser go-peers triton-gpu-image test serve bench clean
+.PHONY: install model cpu-kernels arctic-inference browser go-peers triton-gpu-image test serve bench clean
 
 $(VENV)/.torch-stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,38 @@ model: install
 # compiler the engine falls back to the torch references (tests/test_cpu_kernels.py fails).
 cpu-kernels: install
 	$(PY) -m kernels.cpu_ops || echo "CPU kernels not built: the engine will use the torch reference ops"
+
+# Suffix decoding's trees come from Snowflake's arctic-inference (what vLLM
+# uses). PyPI has only its sdist, and pip's isolated build of it fails (the
+# build env's CMake 4 cannot find Python's Development.Module), so it is
+# built here once, without isolation and with CMake < 4, into a wheel cache
+# keyed by version and Python (~/.cache/pagedinfer/wheels); a venv then
+# installs that wheel with --no-deps (its declared dependencies are vLLM's).
+# setup.py imports torch: the build venv sees .venv's, after its own
+# packages. Without a compiler `make` goes on, and start-up refuses
+# `{"method": "suffix"}` with one line.
+ARCTIC_INFERENCE := 0.3.0
+PAGEDINFER_CACHE := $(HOME)/.cache/pagedinfer
+WHEEL_CACHE := $(PAGEDINFER_CACHE)/wheels
+ARCTIC_BUILD_VENV := $(PAGEDINFER_CACHE)/arctic-inference-build
+$(VENV)/.arctic-inference-stamp-$(ARCTIC_INFERENCE): $(VENV)/.torch-stamp
+	@tag=$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])'); \
+	wheel=$$(ls $(WHEEL_CACHE)/arctic_inference-$(ARCTIC_INFERENCE)-$$tag-*.whl 2>/dev/null | head -n1); \
+	if [ -z "$$wheel" ]; then \
+	  echo "building arctic-inference $(ARCTIC_INFERENCE) into $(WHEEL_CACHE) (once)"; \
+	  { [ -x $(ARCTIC_BUILD_VENV)/bin/pip ] || { $(PYTHON) -m venv $(ARCTIC_BUILD_VENV) && \
+	    $(ARCTIC_BUILD_VENV)/bin/pip install --quiet nanobind==2.9.2 'cmake<4' ninja setuptools wheel \
+	      grpcio-tools protobuf==5.29.6; }; } && \
+	  PATH=$(ARCTIC_BUILD_VENV)/bin:$$PATH \
+	  PYTHONPATH=$$($(ARCTIC_BUILD_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'):$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+	  $(ARCTIC_BUILD_VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation --no-binary arctic-inference \
+	    -w $(WHEEL_CACHE) arctic-inference==$(ARCTIC_INFERENCE) && \
+	  wheel=$$(ls $(WHEEL_CACHE)/arctic_inference-$(ARCTIC_INFERENCE)-$$tag-*.whl | head -n1); \
+	fi; \
+	if [ -n "$$wheel" ] && $(PY) -m pip install --quiet --no-deps --force-reinstall "$$wheel"; then touch $@; \
+	else echo "arctic-inference not built: the suffix speculative method is unavailable"; fi
+
+arctic-inference: $(VENV)/.arctic-inference-stamp-$(ARCTIC_INFERENCE)
 
 # The console tests drive Debian's chromium (browser downloads are impossible
 # here); CI runs as root and gets it from apt when it is missing.
@@ -58,10 +90,10 @@ $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE): $(VENV)/.torch-stamp
 
 triton-gpu-image: $(VENV)/triton-gpu-image/.stamp-$(TRITON_GPU_IMAGE)
 
-test: model cpu-kernels browser go-peers triton-gpu-image
+test: model cpu-kernels arctic-inference browser go-peers triton-gpu-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-serve: model cpu-kernels
+serve: model cpu-kernels arctic-inference
 	$(VENV)/bin/pagedinfer serve --host $(HOST) --port $(PORT)
 
 clean:

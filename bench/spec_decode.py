@@ -8,6 +8,11 @@ concurrency 1 (requests one after another) and 16 (all queued at once,
 same tokens both ways, so the token counts match and only time differs.
 
     python -m bench.spec_decode --dtype float32 --out bench/out/spec_decode.json
+    python -m bench.spec_decode --speculative-config '{"method": "suffix", "num_speculative_tokens": 8}'
+
+With `suffix` the "on" engine keeps its cache of recent answers across the
+rows (as a server would): a later row's requests draft from an earlier
+row's answers to the same prompts, so compare its first row with n-gram's.
 
 Prints per workload and concurrency the output tokens per second off and
 on, their ratio, the acceptance rate (accepted / drafted tokens) and the

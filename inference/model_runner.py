@@ -54,7 +54,7 @@ from inference.models import load_model
 from inference.parallel import group
 from inference.parallel.step_message import StepPlan, encode_step
 from inference.sampler import Sampler, SamplerOutput, SamplingRow, gather_logprobs
-from inference.spec_decode.ngram import NgramProposer
+from inference.spec_decode.proposer import build_proposer
 from inference.spec_decode.verify import accepted_tokens
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
@@ -137,9 +137,7 @@ class ModelRunner:
                 self.profile_forward(16, 16)
         self.sampler = Sampler(config.device)
         spec = config.speculative
-        self.proposer = None if spec is None else NgramProposer(
-            spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens
-        )
+        self.proposer = None if spec is None else build_proposer(spec)
         self.num_blocks = self._num_kv_blocks(hf_config)
         with phase("kv_cache"):
             self.kv_caches = self._allocate_kv_cache()
@@ -315,7 +313,7 @@ class ModelRunner:
         prompt_logits, logits = self.run_step(plan)
         prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_requests)
         sampled = self.sampler(logits, rows) if rows else SamplerOutput([], [])
-        return self._emitted(sampled, groups, prompt_logprobs)
+        return self._emitted(sampled, groups, prompt_logprobs, output.finished_request_ids)
 
     def _plan_logits(
         self, scheduled: list[tuple[Request, int]], spec_token_ids: dict[str, list[int]], plan: StepPlan
@@ -352,10 +350,11 @@ class ModelRunner:
 
     def _emitted(
         self, sampled: SamplerOutput, groups: list[tuple[Request, list[int]]],
-        prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]],
+        prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]], finished_request_ids: list[str],
     ) -> RunnerOutput:
         """Per request, the tokens it emits (verified against its drafts) with
-        their logprobs, and the drafts its next step verifies."""
+        their logprobs, and the drafts its next step verifies (the proposer
+        hears of the finished requests every step, even one that samples nothing)."""
         token_ids: list[list[int]] = []
         logprobs: list[list[LogprobEntry] | None] = []
         first = 0
@@ -370,7 +369,7 @@ class ModelRunner:
         draft_token_ids = None
         if self.proposer is not None:
             speculating = [(r, t) for (r, _), t in zip(groups, token_ids) if not r.spec_off and r.grammar is None]
-            proposals = self.proposer.propose([r.token_ids + t for r, t in speculating])
+            proposals = self.proposer.propose(speculating, finished_request_ids)
             draft_token_ids = {r.request_id: draft for (r, _), draft in zip(speculating, proposals)}
         return RunnerOutput([r.request_id for r, _ in groups], token_ids, logprobs, prompt_logprobs, draft_token_ids)
 

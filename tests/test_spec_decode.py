@@ -8,6 +8,8 @@ do and do not speculate, chunked prefill, n > 1, stops inside an accepted
 run and preemption under a too-small pool; the KV pool must be whole at the
 end and the scheduler's block invariants must hold after every step. A
 chi-square test checks that unseeded sampling keeps the target distribution.
+The engine-level checks run for each served proposer (n-gram and suffix); the
+suffix method's are skipped, saying why, where arctic-inference is not installed.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ import pytest
 import torch
 
 from inference import LLM, SamplingParams
+from inference.spec_decode.config import suffix_decoding_installed
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 4}
+needs_suffix = pytest.mark.skipif(not suffix_decoding_installed(),
+                                  reason="arctic-inference is not installed (`make arctic-inference` builds it)")
 
 
-def engines(folder, **kwargs) -> tuple[LLM, LLM]:
+@pytest.fixture(params=[pytest.param(NGRAM, id="ngram"), pytest.param(SUFFIX, id="suffix", marks=needs_suffix)])
+def spec(request) -> dict:
+    """Each served method's config."""
+    return request.param
+
+
+def engines(folder, spec: dict = NGRAM, **kwargs) -> tuple[LLM, LLM]:
     """(without, with) speculation, otherwise alike."""
     kwargs = dict(model=str(folder), dtype="float32", **kwargs)
-    return LLM(**kwargs), LLM(**kwargs, speculative_config=NGRAM)
+    return LLM(**kwargs), LLM(**kwargs, speculative_config=spec)
 
 
 def mixed_batch(seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -88,9 +100,9 @@ def check_counters(stats) -> None:
     assert all(a >= b for a, b in zip([spec.num_drafts, *per_pos], per_pos))
 
 
-def test_greedy_mixed_batch_is_identical_with_speculation(tiny_model):
+def test_greedy_mixed_batch_is_identical_with_speculation(tiny_model, spec):
     _, folder, _ = tiny_model
-    off, on = engines(folder, num_kv_blocks=512, max_num_batched_tokens=64)
+    off, on = engines(folder, spec, num_kv_blocks=512, max_num_batched_tokens=64)
     prompts, params = mixed_batch(seed=1)
     expected = off.generate(prompts, params, use_tqdm=False)
     outputs = generate_checked(on, prompts, params)
@@ -107,13 +119,13 @@ def test_greedy_mixed_batch_is_identical_with_speculation(tiny_model):
     assert off.stats().spec_decode is None
 
 
-def test_preemption_with_a_too_small_pool(tiny_llama_dir):
+def test_preemption_with_a_too_small_pool(tiny_llama_dir, spec):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (5 + i,), generator=gen).tolist() * 4 for i in range(16)]
     params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * 16
-    roomy, _ = engines(tiny_llama_dir, num_kv_blocks=512)
+    roomy, _ = engines(tiny_llama_dir, spec, num_kv_blocks=512)
     expected = roomy.generate(prompts, params, use_tqdm=False)
-    _, tight = engines(tiny_llama_dir, num_kv_blocks=16)
+    _, tight = engines(tiny_llama_dir, spec, num_kv_blocks=16)
     outputs = generate_checked(tight, prompts, params)
     assert summary(outputs) == summary(expected)
     stats = tight.stats()
@@ -121,10 +133,10 @@ def test_preemption_with_a_too_small_pool(tiny_llama_dir):
     check_counters(stats)
 
 
-def test_seeded_sampling_is_identical_with_speculation(tiny_llama_dir):
+def test_seeded_sampling_is_identical_with_speculation(tiny_llama_dir, spec):
     """Every sampling transform at once: the drafts see the same history as the
     tokens they stand for, so each position draws the same token."""
-    off, on = engines(tiny_llama_dir, num_kv_blocks=256)
+    off, on = engines(tiny_llama_dir, spec, num_kv_blocks=256)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (7 + i,), generator=gen).tolist() * 4 for i in range(6)]
     params = SamplingParams(
@@ -179,8 +191,8 @@ def test_unseeded_sampling_keeps_the_target_distribution(tiny_llama_dir):
     assert dof >= 3 and p_value > 1e-3, (statistic.item(), dof)
 
 
-def test_default_model_greedy_is_identical_with_speculation(smollm2_dir):
-    off, on = engines(smollm2_dir, kv_cache_memory=128 * 1024**2, max_num_batched_tokens=64)
+def test_default_model_greedy_is_identical_with_speculation(smollm2_dir, spec):
+    off, on = engines(smollm2_dir, spec, kv_cache_memory=128 * 1024**2, max_num_batched_tokens=64)
     tokenizer = on.tokenizer
     text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
     copy = tokenizer.apply_chat_template(

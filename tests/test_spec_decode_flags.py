@@ -4,6 +4,7 @@ and one line saying what is wrong; the parser fills in vLLM's defaults."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,10 @@ def serve(*args: str) -> subprocess.CompletedProcess:
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      "prompt_lookup_min: 4 is over prompt_lookup_max 2"),
     ({"method": "draft_model", "model": "/nowhere", "num_speculative_tokens": 2}, "/nowhere has no config.json"),
+    ({"method": "suffix", "suffix_decoding_max_tree_depth": 0}, "bad suffix_decoding_max_tree_depth: 0"),
+    ({"method": "suffix", "suffix_decoding_max_cached_requests": -1}, "bad suffix_decoding_max_cached_requests: -1"),
+    ({"method": "suffix", "suffix_decoding_max_spec_factor": -0.5}, "bad suffix_decoding_max_spec_factor: -0.5"),
+    ({"method": "suffix", "suffix_decoding_min_token_prob": 1.5}, "bad suffix_decoding_min_token_prob: 1.5"),
 ])
 def test_bad_config_exits_2_with_one_line(config, words):
     done = serve("--speculative-config", json.dumps(config))
@@ -45,6 +50,8 @@ def test_bad_config_exits_2_with_one_line(config, words):
     ('{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}', "do not apply to method 'ngram'"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}', "unknown field(s) ['lookahead']"),
     ('{"method": "suffix", "suffix_decoding_min_token_prob": 2}', "bad suffix_decoding_min_token_prob"),
+    ('{"method": "suffix", "suffix_decoding_max_cached_requests": 1.5}', "bad suffix_decoding_max_cached_requests"),
+    ('{"method": "suffix", "suffix_decoding_max_spec_factor": "1"}', "bad suffix_decoding_max_spec_factor"),
     ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs model"),
 ])
 def test_parser_names_what_is_wrong(text, words):
@@ -97,4 +104,19 @@ def test_defaults_are_vllms():
     assert (one_sided.prompt_lookup_min, one_sided.prompt_lookup_max) == (4, 4)
     suffix = SpeculativeConfig.from_dict({"method": "suffix"})
     assert (suffix.num_speculative_tokens, suffix.suffix_decoding_max_tree_depth) == (16, 24)
+    assert (suffix.suffix_decoding_max_cached_requests, suffix.suffix_decoding_max_spec_factor,
+            suffix.suffix_decoding_min_token_prob) == (10000, 1.0, 0.1)
     assert SpeculativeConfig.from_dict({"model": "/draft", "num_speculative_tokens": 2}).method == "draft_model"
+
+
+def test_suffix_without_arctic_inference_exits_2_with_one_line(tmp_path):
+    """arctic-inference is built by `make`, not a dependency: where it is
+    missing (here shadowed by a package that fails to import) the method is refused."""
+    (tmp_path / "arctic_inference").mkdir()
+    (tmp_path / "arctic_inference" / "__init__.py").write_text('raise ImportError("not built")\n')
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--speculative-config", '{"method": "suffix"}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "method 'suffix' needs arctic-inference, which is not installed" in lines[0], lines

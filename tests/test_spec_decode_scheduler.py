@@ -126,5 +126,5 @@ def test_ngram_matches_a_plain_search_over_a_batch():
     contexts += [[1, 2, 3, 9, 1, 2, 3], [5], [], [7, 7, 7, 7]]
     for min_n, max_n, k in ((1, 3, 4), (2, 5, 2), (3, 3, 16)):
         proposer = NgramProposer(min_n, max_n, k)
-        assert proposer.propose(contexts) == [reference_ngram(c, min_n, max_n, k) for c in contexts]
-    assert NgramProposer(1, 3, 4).propose([[1, 2, 3, 9, 1, 2, 3]]) == [[9, 1, 2, 3]]
+        assert proposer.drafts(contexts) == [reference_ngram(c, min_n, max_n, k) for c in contexts]
+    assert NgramProposer(1, 3, 4).drafts([[1, 2, 3, 9, 1, 2, 3]]) == [[9, 1, 2, 3]]

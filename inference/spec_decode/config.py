@@ -3,15 +3,18 @@
     {"method": "ngram", "num_speculative_tokens": 4,
      "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
-`ngram` is served. `suffix` and `draft_model` are parsed and checked field
-by field (a draft model also against the target: draft_check.py), but
-start-up refuses them (not built yet) rather than serving them wrongly; any
-other method is unknown. Plain data (no torch): it travels to the front end inside the
+`ngram` and `suffix` are served (`suffix` when arctic-inference is installed:
+`make arctic-inference`). `draft_model` is parsed and checked field by field
+(also against the target: draft_check.py), but start-up refuses it (not
+built yet) rather than serving it wrongly; any other method is unknown. Plain data (no torch): it travels to the front end inside the
 engine config.
 
 Invariant: a parsed config is valid for its method: 1 <= num_speculative_tokens
-<= MAX_SPECULATIVE_TOKENS and, for ngram, 1 <= prompt_lookup_min <=
-prompt_lookup_max; fields of another method are refused, not ignored.
+<= MAX_SPECULATIVE_TOKENS; for ngram, 1 <= prompt_lookup_min <=
+prompt_lookup_max; for suffix, every suffix_decoding_* field is set (vLLM's
+defaults), the tree depth >= 1, the cached requests >= 0, the spec factor
+>= 0 and the token probability in [0, 1]; fields of another method are
+refused, not ignored.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from typing import Any
 
 from inference.json_config import check_object, parse_object
 
-SERVED_METHODS = ("ngram",)
-NOT_BUILT_METHODS = ("suffix", "draft_model")
+SERVED_METHODS = ("ngram", "suffix")
+NOT_BUILT_METHODS = ("draft_model",)
 MAX_SPECULATIVE_TOKENS = 16
 # vLLM's defaults where the JSON leaves them out.
 DEFAULT_PROMPT_LOOKUP = 5
 DEFAULT_SUFFIX_TREE_DEPTH = 24
+DEFAULT_SUFFIX_CACHED_REQUESTS = 10000
+DEFAULT_SUFFIX_SPEC_FACTOR = 1.0
+DEFAULT_SUFFIX_MIN_TOKEN_PROB = 0.1
 
 # method -> the fields it takes besides `method` and `num_speculative_tokens`
 _METHOD_FIELDS = {
@@ -67,19 +73,24 @@ class SpeculativeConfig:
         if foreign:
             raise ValueError(f"field(s) {foreign} do not apply to method {method!r}")
         values = dict(raw, method=method)
-        for name in set(values) & {"prompt_lookup_min", "prompt_lookup_max", "suffix_decoding_max_tree_depth",
-                                   "suffix_decoding_max_cached_requests"}:
+        for name in set(values) & {"prompt_lookup_min", "prompt_lookup_max", "suffix_decoding_max_tree_depth"}:
             if not _is_int(values[name]) or values[name] < 1:
                 raise ValueError(f"bad {name}: {values[name]!r} (an integer >= 1)")
         if method == "suffix":
+            cached = values.setdefault("suffix_decoding_max_cached_requests", DEFAULT_SUFFIX_CACHED_REQUESTS)
+            # 0, as in vLLM: no cache of earlier responses, each request drafts from its own tokens only.
+            if not _is_int(cached) or cached < 0:
+                raise ValueError(f"bad suffix_decoding_max_cached_requests: {cached!r} (an integer >= 0)")
             values.setdefault("suffix_decoding_max_tree_depth", DEFAULT_SUFFIX_TREE_DEPTH)
+            values.setdefault("suffix_decoding_max_spec_factor", DEFAULT_SUFFIX_SPEC_FACTOR)
+            values.setdefault("suffix_decoding_min_token_prob", DEFAULT_SUFFIX_MIN_TOKEN_PROB)
             # vLLM drafts up to the tree depth; here at most MAX_SPECULATIVE_TOKENS.
             values.setdefault("num_speculative_tokens",
                               min(values["suffix_decoding_max_tree_depth"], MAX_SPECULATIVE_TOKENS))
             for name, low, high in (("suffix_decoding_max_spec_factor", 0.0, float("inf")),
                                     ("suffix_decoding_min_token_prob", 0.0, 1.0)):
-                value = values.get(name)
-                if value is not None and not (_is_number(value) and low <= value <= high):
+                value = values[name]
+                if not (_is_number(value) and low <= value <= high):
                     raise ValueError(f"bad {name}: {value!r} (a number in [{low}, {high}])")
         num = values.get("num_speculative_tokens")
         if num is None:
@@ -103,6 +114,18 @@ class SpeculativeConfig:
         if self.method in NOT_BUILT_METHODS:
             raise ValueError(f"method {self.method!r} is not available in this build (served: "
                              f"{', '.join(SERVED_METHODS)})")
+        if self.method == "suffix" and not suffix_decoding_installed():
+            raise ValueError("method 'suffix' needs arctic-inference, which is not installed "
+                             "(`make arctic-inference` builds it)")
+
+
+def suffix_decoding_installed() -> bool:
+    """Whether arctic-inference's suffix trees import (built by `make arctic-inference`, not a dependency)."""
+    try:
+        import arctic_inference.suffix_decoding  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:

@@ -18,8 +18,13 @@ Invariants: a draft is a slice of its own context, never longer than
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    from inference.request import Request
 
 _PAD = -1
 
@@ -30,7 +35,13 @@ class NgramProposer:
         self.max_n = max_n
         self.num_speculative_tokens = num_speculative_tokens
 
-    def propose(self, contexts: list[list[int]]) -> list[list[int]]:
+    def propose(
+        self, speculating: list[tuple[Request, list[int]]], finished_request_ids: list[str]
+    ) -> list[list[int]]:
+        """proposer.Proposer's step: each request's context is its tokens and what it emits now."""
+        return self.drafts([request.token_ids + emitted for request, emitted in speculating])
+
+    def drafts(self, contexts: list[list[int]]) -> list[list[int]]:
         """One draft (maybe empty) per context."""
         if not contexts:
             return []

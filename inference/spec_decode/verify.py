@@ -14,7 +14,7 @@ prefix plus the target's next token.
 
 Random sampling: this is standard rejection sampling specialised to a
 proposer whose distribution is a point mass q = delta(d) on its draft d (as
-n-gram lookup is). Rejection sampling accepts d with probability
+n-gram lookup and suffix trees are: each drafts one sequence, no sampling). Rejection sampling accepts d with probability
 min(1, p(d) / q(d)) = p(d) and, on rejection, draws from the residual
 norm(max(p - q, 0)), which is p with d removed and renormalised. One draw
 x ~ p, accepting d iff x == d, realises both at once: P(x == d) = p(d), and
