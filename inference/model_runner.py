@@ -7,7 +7,9 @@ output (requests are never mutated here) and returns the sampled token ids.
 Per step, `StepBuffers.prepare` fills the persistent inputs with NumPy and
 copies them to the device; a decode-only batch that fits a graph bucket is
 padded up to it and replayed (`DecodeGraphs`); any other batch runs eagerly;
-the LM head runs only on the rows that sample.
+the LM head runs only on the rows that sample, which `sampling_plan` picks
+before the forward, and it turns what they sample into what each request
+emits after.
 
 With LoRA on (`inference/lora/`), the step's adapters are swapped into their
 device slots first and each token's slot is written to the step buffers;
@@ -38,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -47,15 +48,14 @@ import torch
 import kernels
 from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
-from inference.core_protocol import LogprobEntry
 from inference.cuda_graphs import DecodeGraphs, decode_buckets
 from inference.memory_plan import kv_block_bytes
 from inference.models import load_model
 from inference.parallel import group
 from inference.parallel.step_message import StepPlan, encode_step
-from inference.sampler import Sampler, SamplerOutput, SamplingRow, gather_logprobs
+from inference.sampler import Sampler, SamplerOutput, SamplingRow
+from inference.sampling_plan import RunnerOutput, emitted, plan_logits, prompt_logprobs
 from inference.spec_decode.proposer import build_proposer
-from inference.spec_decode.verify import accepted_tokens
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
 from inference.startup_phases import StartupPhases
@@ -64,18 +64,6 @@ from inference.step_buffers import StepBuffers
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(slots=True)
-class RunnerOutput:
-    request_ids: list[str]  # the requests that sampled, in batch order
-    token_ids: list[list[int]]  # per request: the tokens it emits (its accepted drafts, then the target's)
-    logprobs: list[list[LogprobEntry] | None]  # per request, of those tokens; None where not asked for
-    # request id -> (first prompt position predicted, entries) for requests
-    # that asked for prompt logprobs and computed prompt tokens this step
-    prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] = field(default_factory=dict)
-    # request id -> the drafts its next step verifies; None when speculation is off
-    draft_token_ids: dict[str, list[int]] | None = None
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -307,71 +295,15 @@ class ModelRunner:
                 request_slots = self.lora.request_slots([request.lora_name for request, _ in scheduled])
                 self.buffers.set_lora_slots(request_slots, plan.batch)
                 plan.lora, plan.lora_loads = True, self.lora.loads
-            rows, groups, prompt_requests = self._plan_logits(scheduled, output.spec_token_ids, plan)
+            rows, groups, prompt_requests = plan_logits(
+                scheduled, output.spec_token_ids, self.buffers.np["query_start_loc"], plan
+            )
         if self.workers is not None and (plan.batch is not None or plan.block_copies):
             self.workers.send(encode_step(self.buffers, plan))
         prompt_logits, logits = self.run_step(plan)
-        prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_requests)
         sampled = self.sampler(logits, rows) if rows else SamplerOutput([], [])
-        return self._emitted(sampled, groups, prompt_logprobs, output.finished_request_ids)
-
-    def _plan_logits(
-        self, scheduled: list[tuple[Request, int]], spec_token_ids: dict[str, list[int]], plan: StepPlan
-    ) -> tuple[list[SamplingRow], list[tuple[Request, list[int]]], list[tuple[Request, int]]]:
-        """Fill the plan's logits rows; return the rows to sample (a request
-        with k drafts has k + 1, position j seeing the first j drafts as
-        output), the (request, drafts) they belong to, and the (request,
-        first position) of each prompt-logprobs range."""
-        query_start_loc = self.buffers.np["query_start_loc"]
-        rows: list[SamplingRow] = []
-        groups: list[tuple[Request, list[int]]] = []
-        prompt_requests: list[tuple[Request, int]] = []
-        for i, (request, num_new) in enumerate(scheduled):
-            start = request.num_computed_tokens
-            end = start + num_new
-            # Position p's logits predict prompt token p + 1.
-            num_prompt_rows = min(end, request.num_prompt_tokens - 1) - start
-            if request.params.prompt_logprobs is not None and num_prompt_rows > 0:
-                plan.prompt_rows.append((int(query_start_loc[i]), num_prompt_rows))
-                prompt_requests.append((request, start))
-            drafts = spec_token_ids.get(request.request_id, [])
-            if end == request.num_tokens + len(drafts):
-                first_row = int(query_start_loc[i + 1]) - 1 - len(drafts)
-                stop_ids = request.eos_token_ids + tuple(request.params.stop_token_ids)
-                output_token_ids = request.output_token_ids
-                for j in range(len(drafts) + 1):
-                    plan.sample_rows.append(first_row + j)
-                    rows.append(SamplingRow(
-                        request.request_id, request.params, request.prompt_token_ids,
-                        output_token_ids + drafts[:j], stop_ids, request.sample_index, request.grammar,
-                    ))
-                groups.append((request, drafts))
-        return rows, groups, prompt_requests
-
-    def _emitted(
-        self, sampled: SamplerOutput, groups: list[tuple[Request, list[int]]],
-        prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]], finished_request_ids: list[str],
-    ) -> RunnerOutput:
-        """Per request, the tokens it emits (verified against its drafts) with
-        their logprobs, and the drafts its next step verifies (the proposer
-        hears of the finished requests every step, even one that samples nothing)."""
-        token_ids: list[list[int]] = []
-        logprobs: list[list[LogprobEntry] | None] = []
-        first = 0
-        for _, drafts in groups:
-            end = first + len(drafts) + 1
-            tokens = accepted_tokens(drafts, sampled.token_ids[first:end])
-            token_ids.append(tokens)
-            # Row j's entry scores the token sampled there: the accepted one.
-            entries = sampled.logprobs[first : first + len(tokens)]
-            logprobs.append(None if entries[0] is None else entries)
-            first = end
-        draft_token_ids = None
-        if self.proposer is not None:
-            speculating = [(r, t) for (r, _), t in zip(groups, token_ids) if not r.spec_off and r.grammar is None]
-            proposals = self.proposer.propose(speculating, finished_request_ids)
-            draft_token_ids = {r.request_id: draft for (r, _), draft in zip(speculating, proposals)}
-        return RunnerOutput([r.request_id for r, _ in groups], token_ids, logprobs, prompt_logprobs, draft_token_ids)
+        return emitted(sampled, groups, prompt_logprobs(prompt_logits, prompt_requests), self.proposer,
+                       output.finished_request_ids)
 
     @torch.inference_mode()
     def run_step(self, plan: StepPlan) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -396,15 +328,3 @@ class ModelRunner:
         if plan.sample_rows:
             logits = self.model.compute_logits(hidden[self.buffers.set_logits_indices(plan.sample_rows)])
         return prompt_logits, logits
-
-    def _prompt_logprobs(
-        self, prompt_logits: list[torch.Tensor], prompt_requests: list[tuple[Request, int]]
-    ) -> dict[str, tuple[int, list[LogprobEntry]]]:
-        result = {}
-        for logits, (request, first_pos) in zip(prompt_logits, prompt_requests):
-            count = logits.shape[0]
-            logprobs = logits.float().log_softmax(dim=-1)
-            targets = torch.tensor(request.token_ids[first_pos + 1 : first_pos + count + 1]).to(logits.device)
-            entries = gather_logprobs(logprobs, targets, [request.params.prompt_logprobs] * count)
-            result[request.request_id] = (first_pos, entries)
-        return result
