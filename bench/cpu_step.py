@@ -5,7 +5,9 @@ contexts differ as they do when serving), lets every prompt finish, then
 times `steps` decode steps and profiles a few more with torch.profiler. Each
 configuration runs in a fresh subprocess, one after the other, in the same
 run: by default the torch reference ops (`PAGEDINFER_CPU_KERNELS=0`, what
-the engine ran before the C++ kernels) against the C++ kernels.
+the engine ran before the C++ kernels) against the C++ kernels; `cpp-flinear`
+is the C++ kernels with bf16 linears on F.linear instead of the AVX512-BF16
+kernel (the same as `cpp` in float32 or on CPUs without it).
 
     python -m bench.cpu_step --batch 1,16,48 --out bench/out/cpu_step.json
 
@@ -31,7 +33,12 @@ from bench.common import (
     REPO_ROOT, Workload, build_requests, default_model, git_commit, machine_info, now_utc, write_json,
 )
 
-CONFIGS = {"reference": {"PAGEDINFER_CPU_KERNELS": "0"}, "cpp": {"PAGEDINFER_CPU_KERNELS": "1"}}
+# cpp-flinear: the C++ kernels, but bf16 linears on torch's F.linear (kernels/cpu_linear.py's switch).
+CONFIGS = {
+    "reference": {"PAGEDINFER_CPU_KERNELS": "0"},
+    "cpp": {"PAGEDINFER_CPU_KERNELS": "1", "PAGEDINFER_CPU_BF16_LINEAR": "1"},
+    "cpp-flinear": {"PAGEDINFER_CPU_KERNELS": "1", "PAGEDINFER_CPU_BF16_LINEAR": "0"},
+}
 
 
 def measure(model: str, dtype: str, batch: int, steps: int, profile_steps: int, top: int) -> dict:
