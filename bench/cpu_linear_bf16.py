@@ -4,9 +4,15 @@ On SmolLM2-135M's shapes (fused as the model runs them, plus a lone k/v
 projection) at several row counts. The two are timed alternately, `repeats`
 rounds of `calls` calls each, so a neighbour's load hits both alike; each
 round's median per call gives a ratio, and the table shows medians over rounds.
-Picks `cpu_linear.MAX_BF16_ROWS`.
+Picked `cpu_linear.MAX_ROWS` for bf16.
+
+With `--batch`, whole bf16 decode steps of the default model (SmolLM2) in one
+engine, alternating step by step between the packed weights and F.linear (the
+packed copies set aside), so both see the same load and nearly the same
+contexts; prints the medians and the median ratio of adjacent pairs.
 
     python -m bench.cpu_linear_bf16 --rows 1,4,16,48,128,512
+    python -m bench.cpu_linear_bf16 --batch 1,16,48 --steps 40
 """
 
 from __future__ import annotations
@@ -38,17 +44,53 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def step_pairs(batch: int, num_pairs: int) -> tuple[float, float, float]:
+    """ms per decode step, packed then F.linear (medians), and the median ratio of adjacent steps."""
+    from bench.common import default_model
+    from bench.cpu_step import decoding_engine
+    from inference.parallel.layers import PackableLinear
+
+    engine = decoding_engine(default_model(), "bfloat16", batch, 2 * num_pairs + 4)
+    model = engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, PackableLinear)]
+    packed = [m.packed_weight for m in linears], model.lm_head_packed
+    if packed[1] is None:
+        raise SystemExit("the model's bf16 weights were not packed")
+
+    def timed_step(use_packed: bool) -> float:
+        for m, p in zip(linears, packed[0]):
+            m.packed_weight = p if use_packed else None  # None: cpu_linear.linear calls F.linear
+        model.lm_head_packed = packed[1] if use_packed else None
+        start = time.perf_counter()
+        engine.step()
+        return (time.perf_counter() - start) * 1e3
+
+    timed_step(True), timed_step(False)  # warm both
+    pairs = [(timed_step(True), timed_step(False)) for _ in range(num_pairs)]
+    engine.shutdown()
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[0] / p[1] for p in pairs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4,16,48,128,512")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", default=None, help="comma-separated decode batch sizes: time whole steps")
+    parser.add_argument("--steps", type=int, default=40, help="with --batch: step pairs per batch size")
     args = parser.parse_args(argv)
 
     from kernels import cpu_linear
 
     if not cpu_linear.has_bf16_kernel():
         raise SystemExit("the C++ ops have no AVX512-BF16 kernel on this CPU")
+    if args.batch:
+        print("| batch | packed ms / step | F.linear ms / step | packed / F.linear |\n|---:|---:|---:|---:|")
+        for batch in (int(b) for b in args.batch.split(",")):
+            ours, theirs, ratio = step_pairs(batch, args.steps)
+            print(f"| {batch} | {ours:.1f} | {theirs:.1f} | {ratio:.2f} |", flush=True)
+        return 0
     torch.manual_seed(0)
     print("| shape | rows | packed us | F.linear us | packed / F.linear |\n|---|---:|---:|---:|---:|")
     for name, in_features, out_features in SHAPES:
