@@ -5,7 +5,9 @@ contexts differ as they do when serving), lets every prompt finish, then
 times `steps` decode steps and profiles a few more with torch.profiler. Each
 configuration runs in a fresh subprocess, one after the other, in the same
 run: by default the torch reference ops (`PAGEDINFER_CPU_KERNELS=0`, what
-the engine ran before the C++ kernels) against the C++ kernels.
+the engine ran before the C++ kernels) against the C++ kernels; `cpp-flinear`
+is the C++ kernels with bf16 linears on F.linear instead of the AVX512-BF16
+kernel (the same as `cpp` in float32 or on CPUs without it).
 
     python -m bench.cpu_step --batch 1,16,48 --out bench/out/cpu_step.json
 
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a file: make `bench.` imports resolve
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +34,31 @@ from bench.common import (
     REPO_ROOT, Workload, build_requests, default_model, git_commit, machine_info, now_utc, write_json,
 )
 
-CONFIGS = {"reference": {"PAGEDINFER_CPU_KERNELS": "0"}, "cpp": {"PAGEDINFER_CPU_KERNELS": "1"}}
+if TYPE_CHECKING:
+    from inference.engine import LLMEngine
+
+# cpp-flinear: the C++ kernels, but bf16 linears on torch's F.linear (kernels/cpu_linear.py's switch).
+CONFIGS = {
+    "reference": {"PAGEDINFER_CPU_KERNELS": "0"},
+    "cpp": {"PAGEDINFER_CPU_KERNELS": "1", "PAGEDINFER_CPU_BF16_LINEAR": "1"},
+    "cpp-flinear": {"PAGEDINFER_CPU_KERNELS": "1", "PAGEDINFER_CPU_BF16_LINEAR": "0"},
+}
+
+
+def decoding_engine(model: str, dtype: str, batch: int, num_steps: int) -> LLMEngine:
+    """An engine with `batch` requests whose prompts are all in: the next `num_steps` steps decode only."""
+    from inference import SamplingParams
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.create(model=model, dtype=dtype, max_num_seqs=max(batch, 1)))
+    workload = Workload(dataset="sharegpt", num_prompts=batch, max_input_len=600, seed=batch)
+    for i, request in enumerate(build_requests(workload, engine.core.vocab_size)):
+        params = SamplingParams(temperature=0.0, max_tokens=num_steps, ignore_eos=True)
+        engine.add_request(str(i), request.prompt_ids, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    return engine
 
 
 def measure(model: str, dtype: str, batch: int, steps: int, profile_steps: int, top: int) -> dict:
@@ -40,19 +67,9 @@ def measure(model: str, dtype: str, batch: int, steps: int, profile_steps: int, 
     from torch.profiler import ProfilerActivity, profile
 
     import kernels
-    from inference import SamplingParams
-    from inference.config import EngineConfig
-    from inference.engine import LLMEngine
 
-    config = EngineConfig.create(model=model, dtype=dtype, max_num_seqs=max(batch, 1))
-    engine = LLMEngine(config)
-    workload = Workload(dataset="sharegpt", num_prompts=batch, max_input_len=600, seed=batch)
-    total = steps + profile_steps + 8
-    for i, request in enumerate(build_requests(workload, engine.core.vocab_size)):
-        engine.add_request(str(i), request.prompt_ids, SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True))
-    # Step until every prompt is in: the steps measured below are decode-only.
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
+    engine = decoding_engine(model, dtype, batch, steps + profile_steps + 8)
+    config = engine.config
     times = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -78,11 +78,12 @@ Dispatch: CUDA tensors run the Triton kernels (`kv_store.py`,
 otherwise, which also takes decode rows in a mixed batch; `rmsnorm.py`,
 `rotary.py`, `activation.py` for the layer kernels; `moe.py`; `lora.py`). CPU tensors run
 the C++ CPU kernels (`cpu_ops.py`, `cpu/*.cpp`: store, attention, norms,
-rotary, SiLU-mul; `cpu_linear.py` runs the float32 linear layers on them
-too) where they build, and the torch references in `reference.py` otherwise,
-for `fused_moe`, or with `PAGEDINFER_CPU_KERNELS=0` (the choice is made once
-per process); with `PAGEDINFER_TRITON_INTERPRET=1` they run the same
-Triton kernels as CUDA in Triton's interpreter. The interpreter
+rotary, SiLU-mul; `cpu_linear.py` runs the float32 linear layers on them,
+and bf16 ones where the CPU has AVX512-BF16) where they build, and the torch
+references in `reference.py` otherwise, for `fused_moe`, or with
+`PAGEDINFER_CPU_KERNELS=0` (the choice is made once per process); with
+`PAGEDINFER_TRITON_INTERPRET=1` they run the same Triton kernels as CUDA in
+Triton's interpreter. The interpreter
 must be chosen before Triton is first imported in the process (Triton decides
 at `@triton.jit` time, for its own library functions too), so with that
 variable set this package sets `TRITON_INTERPRET=1` when it imports Triton

@@ -14,14 +14,25 @@ block its input rows for the cache), so the original weight stays too: the
 packed copy doubles the weight memory of the float32 CPU path, which the model
 runner reports.
 
+bfloat16 weights, on CPUs with AVX512-BF16 (`has_bf16_kernel`), are packed
+for `kernels/cpu/linear_bf16.cpp` instead: pairs of k per 32-bit lane for
+`_mm512_dpbf16_ps`, float32 sums, one rounding to bf16. Against torch's bf16
+F.linear (oneDNN) on a 2-vCPU EPYC Zen 5, one call took 0.2-0.5x its time at
+1-4 rows, 0.4-0.8x at 16-128 and 0.7-0.96x at 512 on every SmolLM2 shape
+(`python -m bench.cpu_linear_bf16`); elsewhere bf16 stays on F.linear.
+
 `lora_linear` is a LoRA layer (base, shrink, mask, expands) in one C++ call.
 
 Invariants: a packed weight is a function of its weight alone (re-pack after
 the weight changes); `linear` gives F.linear's result up to float32 rounding
-(the kernel sums in another order), never a different shape or dtype.
+(the kernel sums in another order; bf16: rounding its float32 sum once), never a
+different shape or dtype.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +41,35 @@ from kernels import cpu_ops
 
 # Row counts that take the packed weight: every step of the default token budget
 # (EngineConfig's CPU max_num_batched_tokens); prompt chunks there ran 6% faster offline.
+# The bf16 kernel was faster than bf16 F.linear up to 512 rows on every SmolLM2 shape too.
 MAX_ROWS = 512
+# "0" keeps bf16 weights unpacked, on F.linear (bench/cpu_step.py compares the two).
+CPU_BF16_LINEAR_ENV = "PAGEDINFER_CPU_BF16_LINEAR"
+
+
+@functools.cache
+def has_bf16_kernel() -> bool:
+    """Whether the C++ ops hold the AVX512-BF16 kernel (built for a CPU with the
+    instructions) and PAGEDINFER_CPU_BF16_LINEAR is not "0"."""
+    if os.environ.get(CPU_BF16_LINEAR_ENV, "1") == "0":
+        return False
+    return cpu_ops.available() and torch.ops.pagedinfer_cpu.has_linear_bf16()
 
 
 def packs(dtype: torch.dtype) -> bool:
-    """Whether CPU weights of `dtype` get packed copies (float32, with the C++ ops built)."""
-    return dtype == torch.float32 and cpu_ops.available()
+    """Whether CPU weights of `dtype` get packed copies: float32 with the C++ ops built,
+    bfloat16 where they hold the AVX512-BF16 kernel."""
+    if dtype == torch.float32:
+        return cpu_ops.available()
+    return dtype == torch.bfloat16 and has_bf16_kernel()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """The C++ kernel's panels of a `[out, in]` float32 CPU weight, or None where they do not apply."""
+    """The C++ kernel's panels of a `[out, in]` CPU weight, or None where they do not apply."""
     if not (weight.device.type == "cpu" and weight.dim() == 2 and packs(weight.dtype)):
         return None
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.pagedinfer_cpu.pack_linear_weight_bf16(weight.detach())
     return torch.ops.pagedinfer_cpu.pack_linear_weight(weight.detach())
 
 
@@ -50,10 +78,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """F.linear(x, weight, bias) for 2-D x, through `packed` up to MAX_ROWS rows."""
     if packed is None or x.dim() != 2 or x.shape[0] > MAX_ROWS:
         return F.linear(x, weight, bias)
-    out = torch.empty(x.shape[0], weight.shape[0])  # the op checks every shape, dtype and stride
-    torch.ops.pagedinfer_cpu.linear(x, packed, bias, out)
+    out = x.new_empty(x.shape[0], weight.shape[0])  # the op checks every shape, dtype and stride
+    if packed.dtype == torch.bfloat16:
+        torch.ops.pagedinfer_cpu.linear_bf16(x, packed, bias, out)
+    else:
+        torch.ops.pagedinfer_cpu.linear(x, packed, bias, out)
     return out
-
 
 
 def lora_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, packed_a: torch.Tensor,

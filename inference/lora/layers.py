@@ -132,6 +132,8 @@ class LoRALinear(nn.Module):
 
     def repack(self) -> None:
         """Refresh the packed copies after slots changed."""
+        if self.lora_a.dtype != torch.float32:  # lora.cpp is float32 only: bf16 LoRA layers run as torch ops
+            return
         num_parts, num_loras, rank, in_features = self.lora_a.shape
         width = num_loras * rank
         self.packed_a = cpu_linear.pack_weight(self.lora_a.view(num_parts * width, in_features))

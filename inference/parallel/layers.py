@@ -66,7 +66,7 @@ def check_tensor_parallel(hf_config, size: int) -> None:
 
 class PackableLinear(nn.Linear):
     """nn.Linear that runs on a packed copy of its weight once `pack()` made
-    one (the CPU's float32 path; `kernels/cpu_linear.py`)."""
+    one (the CPU's float32 path, and bf16 with AVX512-BF16; `kernels/cpu_linear.py`)."""
 
     packed_weight: torch.Tensor | None = None
 

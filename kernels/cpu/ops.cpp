@@ -229,6 +229,8 @@ TORCH_LIBRARY(pagedinfer_cpu, m) {
   m.def("silu_and_mul(Tensor x, Tensor(a!) out) -> ()");
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("pack_linear_weight_bf16(Tensor weight) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("lora_linear(Tensor x, Tensor packed, Tensor? bias, Tensor packed_a, Tensor[] packed_b, int[] part_rows, "
         "Tensor token_slots, int rank, Tensor(a!) out, Tensor(b!) y) -> ()");
 }
