@@ -33,6 +33,8 @@ class SchedulerConfig:
     max_loras: int = 0
     # Draft tokens a request may verify per step; 0: speculative decoding is off.
     num_speculative_tokens: int = 0
+    # No drafts in a step that starts with at least this many requests running; None: always.
+    spec_disable_by_batch_size: int | None = None
 
 
 @dataclass(slots=True)
@@ -218,6 +220,7 @@ class EngineConfig:
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
             max_loras=self.lora.max_loras if self.lora is not None else 0,
             num_speculative_tokens=self.speculative.num_speculative_tokens if self.speculative is not None else 0,
+            spec_disable_by_batch_size=self.speculative.disable_by_batch_size if self.speculative is not None else None,
         )
 
 

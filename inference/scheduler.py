@@ -35,7 +35,8 @@ Invariants:
   and it cannot starve.
 - Speculative decoding: a running request with only its last token to
   compute may carry draft tokens (`spec_token_ids`); it is scheduled for
-  1 + the drafts that fit (budget, max_model_len, max_tokens), listed in
+  1 + the drafts that fit (budget, max_model_len, max_tokens; none in a
+  step that starts with `spec_disable_by_batch_size` requests running), listed in
   `SchedulerOutput.spec_token_ids`, and the pool is asked for their slots
   (dropped, not preempting anyone, when it has none). After the step
   `num_computed_tokens` counts only the tokens whose KV is valid (the input
@@ -186,6 +187,9 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted = False
 
+        # A large batch has no compute to spare for verifying drafts.
+        limit = self.config.spec_disable_by_batch_size
+        speculate = limit is None or self.num_running < limit
         # Decodes first, then running prefills; both in priority order.
         decodes = [r for r in self.running if r.num_tokens_target - r.num_computed_tokens == 1]
         prefills = [r for r in self.running if r.num_tokens_target - r.num_computed_tokens > 1]
@@ -195,7 +199,7 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_target - request.num_computed_tokens, budget)
-            num_drafts = self._num_drafts(request, budget - num_new)
+            num_drafts = self._num_drafts(request, budget - num_new) if speculate else 0
             while not self.blocks.allocate(request, num_new + num_drafts, copies):
                 if num_drafts:
                     num_drafts = 0  # no room for guesses: decode plainly before preempting anyone

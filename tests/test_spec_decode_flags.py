@@ -53,6 +53,8 @@ def test_bad_config_exits_2_with_one_line(config, words):
     ('{"method": "suffix", "suffix_decoding_max_cached_requests": 1.5}', "bad suffix_decoding_max_cached_requests"),
     ('{"method": "suffix", "suffix_decoding_max_spec_factor": "1"}', "bad suffix_decoding_max_spec_factor"),
     ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs model"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1}', "bad disable_by_batch_size: 1"),
+    ('{"method": "suffix", "disable_by_batch_size": "8"}', "bad disable_by_batch_size"),
 ])
 def test_parser_names_what_is_wrong(text, words):
     with pytest.raises(ValueError) as info:

@@ -18,9 +18,9 @@ EOS = 0
 BLOCK = 4
 
 
-def make(num_blocks=64, budget=32, caching=True) -> Scheduler:
+def make(num_blocks=64, budget=32, caching=True, disable_by_batch_size=None) -> Scheduler:
     config = SchedulerConfig(8, budget, max_model_len=512, block_size=BLOCK, enable_prefix_caching=caching,
-                             num_speculative_tokens=3)
+                             num_speculative_tokens=3, spec_disable_by_batch_size=disable_by_batch_size)
     return Scheduler(config, BlockManager(num_blocks, BLOCK, caching))
 
 
@@ -78,6 +78,21 @@ def test_drafts_are_cut_to_num_speculative_tokens():
     request = prefilled(s, [11, 12, 13, 14, 15])
     assert s.schedule().spec_token_ids == {"r": [11, 12, 13]}
     assert request.spec_token_ids == [11, 12, 13, 14, 15]  # scheduling reads the drafts, never cuts them
+
+
+def test_a_batch_of_disable_by_batch_size_requests_verifies_no_drafts():
+    s = make(disable_by_batch_size=2)
+    request = prefilled(s, [11, 12, 13])
+    assert s.schedule().spec_token_ids == {"r": [11, 12, 13]}  # one running: below the limit
+    s2 = make(disable_by_batch_size=2)
+    first = prefilled(s2, [11, 12])
+    second = Request("q", "q", 0, [5, 6, 7], SamplingParams(max_tokens=8), (EOS,), 0.0)
+    s2.add_request(second)
+    out = s2.schedule()  # "q" admitted this step: the step started with one running
+    s2.update(out, {"r": [11, 70], "q": [80]}, {"r": [71, 72], "q": [81]})
+    out = s2.schedule()  # two running now: decode plainly, keep the drafts for later
+    assert out.spec_token_ids == {} and dict(out.scheduled) == {first: 1, second: 1}
+    assert first.spec_token_ids == [71, 72] and request.spec_token_ids == [11, 12, 13]
 
 
 def test_no_room_for_drafts_decodes_plainly_without_preempting():

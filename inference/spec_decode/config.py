@@ -9,8 +9,12 @@
 built yet) rather than serving it wrongly; any other method is unknown. Plain data (no torch): it travels to the front end inside the
 engine config.
 
+`disable_by_batch_size` (any method, as in vLLM): no request speculates in a
+step that starts with at least that many requests running, where verifying
+drafts costs compute a large batch no longer has to spare.
+
 Invariant: a parsed config is valid for its method: 1 <= num_speculative_tokens
-<= MAX_SPECULATIVE_TOKENS; for ngram, 1 <= prompt_lookup_min <=
+<= MAX_SPECULATIVE_TOKENS; disable_by_batch_size, where given, >= 2; for ngram, 1 <= prompt_lookup_min <=
 prompt_lookup_max; for suffix, every suffix_decoding_* field is set (vLLM's
 defaults), the tree depth >= 1, the cached requests >= 0, the spec factor
 >= 0 and the token probability in [0, 1]; fields of another method are
@@ -41,6 +45,7 @@ _METHOD_FIELDS = {
                "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob"},
     "draft_model": {"model"},
 }
+_COMMON_FIELDS = {"method", "num_speculative_tokens", "disable_by_batch_size"}
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int | None = None
     suffix_decoding_max_spec_factor: float | None = None
     suffix_decoding_min_token_prob: float | None = None
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def from_json(cls, text: str) -> SpeculativeConfig:
@@ -69,10 +75,13 @@ class SpeculativeConfig:
             method = "draft_model"  # vLLM infers the method from a bare draft model
         if method not in _METHOD_FIELDS:
             raise ValueError(f"unknown method {method!r} (choose from {', '.join(_METHOD_FIELDS)})")
-        foreign = sorted(set(raw) - _METHOD_FIELDS[method] - {"method", "num_speculative_tokens"})
+        foreign = sorted(set(raw) - _METHOD_FIELDS[method] - _COMMON_FIELDS)
         if foreign:
             raise ValueError(f"field(s) {foreign} do not apply to method {method!r}")
         values = dict(raw, method=method)
+        batch = values.get("disable_by_batch_size")
+        if batch is not None and (not _is_int(batch) or batch < 2):
+            raise ValueError(f"bad disable_by_batch_size: {batch!r} (an integer >= 2)")
         for name in set(values) & {"prompt_lookup_min", "prompt_lookup_max", "suffix_decoding_max_tree_depth"}:
             if not _is_int(values[name]) or values[name] < 1:
                 raise ValueError(f"bad {name}: {values[name]!r} (an integer >= 1)")
