@@ -124,7 +124,9 @@ def test_higher_priority_overtakes_in_the_queue(server):
                 return name
 
             done: list[str] = []
-            running = asyncio.create_task(run("running", {"max_tokens": 200}))
+            # Long enough to outlast the two queueings below on a fast engine (a tiny model's
+            # step takes under a millisecond with one thread): max_model_len is 1024.
+            running = asyncio.create_task(run("running", {"max_tokens": 1000}))
             await first_token.wait()
             tasks = [asyncio.create_task(run("normal", {"max_tokens": 4}))]
             await wait_for_waiting(server, 1)
