@@ -45,7 +45,7 @@ def weight_bytes(hf_config, dtype: torch.dtype, device: str, tensor_parallel_siz
     from inference.models import model_class
     from kernels import cpu_linear
 
-    with group.shape_only(0, tensor_parallel_size), torch.device("meta"):
+    with group.acting_as(0, tensor_parallel_size), torch.device("meta"):
         model = model_class(hf_config)(hf_config).to(dtype)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if device == "cpu" and cpu_linear.packs(dtype):

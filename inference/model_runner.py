@@ -31,7 +31,9 @@ with draft tokens runs its last token and the drafts as one query through
 the paged prefill path (the Triton prefill kernel on GPU, the C++ one on the
 CPU), with logits at each of those positions; `accepted_tokens` keeps the
 drafts the target agrees with, and the proposer guesses the next drafts from
-the request's tokens plus what it emits. Such steps never replay a decode
+the request's tokens plus what it emits. A draft model (rank 0's alone) is
+loaded with the weights, before the KV budget is measured, and takes from
+that budget a draft block per target block plus lookahead blocks. Such steps never replay a decode
 CUDA graph (their queries are longer than one token): they run eagerly.
 """
 
@@ -55,6 +57,7 @@ from inference.parallel import group
 from inference.parallel.step_message import StepPlan, encode_step
 from inference.sampler import Sampler, SamplerOutput, SamplingRow
 from inference.sampling_plan import RunnerOutput, emitted, plan_logits, prompt_logprobs
+from inference.spec_decode.draft_model import DraftModelProposer, load_draft_model, num_lookahead_blocks
 from inference.spec_decode.proposer import build_proposer
 from inference.request import Request
 from inference.scheduler import SchedulerOutput
@@ -115,6 +118,12 @@ class ModelRunner:
                 self.lora = LoRAResidency(self.model, hf_config, config.lora)
             self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             packed = self.model.pack_cpu_weights() if self.device.type == "cpu" else 0
+            spec = config.speculative
+            self.draft = None
+            if spec is not None and spec.method == "draft_model" and group.rank() == 0:
+                # Before the KV budget is measured: the draft's weights take from it.
+                self.draft = load_draft_model(spec.model, self.dtype, config.device)
+                self.weight_bytes += self.draft.weight_bytes
         if packed:
             logger.info("Weight copies packed for the C++ linear kernel: %.0f MiB", packed / 2**20)
         self.weight_bytes += packed
@@ -124,12 +133,20 @@ class ModelRunner:
             with phase("warmup"):
                 self.profile_forward(16, 16)
         self.sampler = Sampler(config.device)
-        spec = config.speculative
-        self.proposer = None if spec is None else build_proposer(spec)
         self.num_blocks = self._num_kv_blocks(hf_config)
         with phase("kv_cache"):
             self.kv_caches = self._allocate_kv_cache()
+            self.proposer = None
+            if self.draft is not None:
+                self.proposer = DraftModelProposer(
+                    self.draft, spec, self.num_blocks + self._num_lookahead_blocks(), self.block_size,
+                    config.max_model_len, config.max_num_batched_tokens, self.device,
+                )
+            elif spec is not None and group.rank() == 0:
+                self.proposer = build_proposer(spec)
         self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
+        if self.draft is not None:
+            self.kv_cache_bytes += self.proposer.kv_cache_bytes
         attn = self.model.layers[0].self_attn
         workspace_numel = kernels.decode_workspace_numel(
             config.max_num_seqs, attn.num_heads, attn.head_dim, config.max_model_len, self.device
@@ -154,6 +171,11 @@ class ModelRunner:
                     self.graphs.capture()
         # Every rank's weights and KV cache (and, on CUDA, all it allocated), by rank.
         self.rank_memory_bytes = group.all_gather_ints(self._memory_bytes(), self.device)
+
+    def _num_lookahead_blocks(self) -> int:
+        if self.draft is None:
+            return 0
+        return num_lookahead_blocks(self.config.speculative, self.block_size, self.config.max_num_seqs)
 
     def _decode_buckets(self) -> list[int]:
         config = self.config
@@ -185,7 +207,10 @@ class ModelRunner:
             budget = config.kv_cache_memory  # per rank
         else:
             budget = self._gpu_kv_budget()
-        num_blocks = budget // per_block - 1  # one more is the scratch block
+        # Rank 0 with a draft model also holds a draft block per block, and the lookahead ones.
+        draft_block = 0 if self.draft is None else kv_block_bytes(self.draft.hf_config, self.block_size, self.dtype)
+        # One more target block is the scratch block.
+        num_blocks = (budget - per_block - self._num_lookahead_blocks() * draft_block) // (per_block + draft_block)
         if num_blocks < 1:
             raise ValueError(
                 f"KV cache budget {budget} bytes holds no {per_block}-byte block besides the scratch one"

@@ -1,7 +1,8 @@
 """`pagedinfer serve --speculative-config`: greedy completions as the offline
 engine without speculation gives them, the spec_decode counters on /metrics
 (ours, and vLLM's names with --metrics-compat vllm) equal to the engine's
-own totals, and structured output refused with a 400 in OpenAI's format."""
+own totals, and structured output refused with a 400 in OpenAI's format; a
+draft model served the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import start_server
 
+from bench.draft_models import write_truncated_model
 from inference import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -65,3 +67,24 @@ def test_greedy_completions_counters_and_structured_refusal(server, tiny_llama_c
         per_pos = engine["num_accepted_tokens_per_pos"]
         name = f"{prefix}_num_accepted_tokens_per_pos_total"
         assert [samples[(name, str(p))] for p in range(len(per_pos))] == per_pos, prefix
+
+
+def test_a_draft_model_serves_the_targets_greedy_text(tiny_llama_chat_dir, tmp_path):
+    """`--speculative-config` with a draft model (the target's first layer): the completions are the
+    target's own, and the draft did draft."""
+    draft = write_truncated_model(tiny_llama_chat_dir, tmp_path / "draft", num_hidden_layers=1)
+    config = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    server = start_server("--model", str(tiny_llama_chat_dir), "--max-model-len", "256", "--num-kv-blocks", "64",
+                          "--speculative-config", json.dumps(config))
+    try:
+        with server.client() as client:
+            replies = [client.post("/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0})
+                       for p in PROMPTS]
+            engine = client.get("/debug/kv").json()["stats"]["spec_decode"]
+    finally:
+        server.stop()
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    offline = LLM(model=str(tiny_llama_chat_dir), dtype="float32", max_model_len=256, num_kv_blocks=64)
+    expected = offline.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    assert [r.json()["choices"][0]["text"] for r in replies] == [o.outputs[0].text for o in expected]
+    assert engine["num_accepted_tokens"] > 0

@@ -56,10 +56,11 @@ def init_group(group_rank: int, group_size: int, init_file: str, device: str) ->
 
 
 @contextmanager
-def shape_only(group_rank: int, group_size: int) -> Iterator[None]:
-    """Act as rank `group_rank` of `group_size` while models are built on the
-    meta device for their shapes (inference/memory_plan.py); no collective may
-    run inside."""
+def acting_as(group_rank: int, group_size: int) -> Iterator[None]:
+    """Act as rank `group_rank` of `group_size`: while models are built on the
+    meta device for their shapes (inference/memory_plan.py), or as a group of
+    one (0, 1) for a model that rank 0 runs whole by itself (the draft model
+    of speculative decoding). No collective may run inside."""
     global _group
     saved = _group
     _group = TensorParallelGroup(group_rank, group_size)

@@ -3,11 +3,11 @@
     {"method": "ngram", "num_speculative_tokens": 4,
      "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
-`ngram` and `suffix` are served (`suffix` when arctic-inference is installed:
-`make arctic-inference`). `draft_model` is parsed and checked field by field
-(also against the target: draft_check.py), but start-up refuses it (not
-built yet) rather than serving it wrongly; any other method is unknown. Plain data (no torch): it travels to the front end inside the
-engine config.
+`ngram`, `draft_model` and `suffix` are served (`suffix` when
+arctic-inference is installed: `make arctic-inference`); a draft model is
+also checked against the target at start-up (draft_check.py); any other
+method is unknown. Plain data (no torch): it travels to the front end
+inside the engine config.
 
 `disable_by_batch_size` (any method, as in vLLM): no request speculates in a
 step that starts with at least that many requests running, where verifying
@@ -28,8 +28,6 @@ from typing import Any
 
 from inference.json_config import check_object, parse_object
 
-SERVED_METHODS = ("ngram", "suffix")
-NOT_BUILT_METHODS = ("draft_model",)
 MAX_SPECULATIVE_TOKENS = 16
 # vLLM's defaults where the JSON leaves them out.
 DEFAULT_PROMPT_LOOKUP = 5
@@ -120,9 +118,6 @@ class SpeculativeConfig:
 
     def check_served(self) -> None:
         """ValueError unless this build serves the method (start-up calls it)."""
-        if self.method in NOT_BUILT_METHODS:
-            raise ValueError(f"method {self.method!r} is not available in this build (served: "
-                             f"{', '.join(SERVED_METHODS)})")
         if self.method == "suffix" and not suffix_decoding_installed():
             raise ValueError("method 'suffix' needs arctic-inference, which is not installed "
                              "(`make arctic-inference` builds it)")

@@ -8,7 +8,8 @@ step, whether or not they ever speculated; it returns one draft (maybe
 empty) per request. A proposer that keeps per-request state (suffix) drops
 it for the finished ids; the n-gram one keeps none.
 
-Invariant: proposers read requests and never change them.
+Invariant: proposers read requests and never change them. Only rank 0
+(which verifies) has a proposer.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Proposer(Protocol):
 
 
 def build_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer of a served method (`SpeculativeConfig.check_served` passed)."""
+    """The proposer of a served method (`SpeculativeConfig.check_served` passed)
+    that needs no model (the runner builds the draft model's: draft_model.py)."""
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max, config.num_speculative_tokens)
     # Imported only when asked for: arctic-inference is optional (`make arctic-inference`).
