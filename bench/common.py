@@ -179,11 +179,9 @@ CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF1
 
 def cpu_features() -> list[str]:
     """This CPU's vector features among CPU_FEATURES: results from CPUs that differ here never compare."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return []
+    from kernels.cpu_ops import cpu_info
+
+    flags = cpu_info("flags").split()
     return [name for flag, name in CPU_FEATURES.items() if flag in flags]
 
 

@@ -1,4 +1,7 @@
-"""One bf16 linear call: the AVX512-BF16 packed kernel against torch's bf16 F.linear.
+"""One bf16 linear call: the AVX512-BF16 packed kernel against torch's bf16
+F.linear, and oneDNN's packed primitive (the path of batches of
+`cpu_linear.ONEDNN_MIN_ROWS` rows or more on AMX CPUs: run this there to
+check that split).
 
 On SmolLM2-135M's shapes (fused as the model runs them, plus a lone k/v
 projection) at several row counts. The two are timed alternately, `repeats`
@@ -92,23 +95,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {batch} | {ours:.1f} | {theirs:.1f} | {ratio:.2f} |", flush=True)
         return 0
     torch.manual_seed(0)
-    print("| shape | rows | packed us | F.linear us | packed / F.linear |\n|---|---:|---:|---:|---:|")
+    print("| shape | rows | packed us | F.linear us | oneDNN packed us | packed / F.linear | oneDNN packed / "
+          "packed |\n|---|---:|---:|---:|---:|---:|---:|")
     for name, in_features, out_features in SHAPES:
         weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) / in_features**0.5
         packed = cpu_linear.pack_weight(weight)
+        onednn = torch.ops.mkldnn._reorder_linear_weight(weight, cpu_linear.ONEDNN_MIN_ROWS)
         for num_rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(num_rows, in_features, dtype=torch.bfloat16)
             out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-            kernel = lambda: torch.ops.pagedinfer_cpu.linear_bf16(x, packed, None, out)  # noqa: E731
-            reference = lambda: F.linear(x, weight)  # noqa: E731
+            paths = [
+                lambda: torch.ops.pagedinfer_cpu.linear_bf16(x, packed, None, out),
+                lambda: F.linear(x, weight),
+                lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""),
+            ]
             calls = max(5, args.calls * 16 // max(num_rows, 16)) if out_features > 10000 else args.calls
-            kernel(), reference()  # warm: oneDNN's first call builds its primitive
-            rounds = [(per_call_us(kernel, calls), per_call_us(reference, calls)) for _ in range(args.repeats)]
-            ours = statistics.median(r[0] for r in rounds)
-            theirs = statistics.median(r[1] for r in rounds)
+            for path in paths:
+                path()  # warm: oneDNN's first call builds its primitive
+            rounds = [[per_call_us(path, calls) for path in paths] for _ in range(args.repeats)]
+            ours, theirs, packed_onednn = (statistics.median(r[i] for r in rounds) for i in range(3))
             ratio = statistics.median(r[0] / r[1] for r in rounds)
-            print(f"| {name} {in_features}->{out_features} | {num_rows} | {ours:.1f} | {theirs:.1f} | {ratio:.2f} |",
-                  flush=True)
+            onednn_ratio = statistics.median(r[2] / r[0] for r in rounds)
+            print(f"| {name} {in_features}->{out_features} | {num_rows} | {ours:.1f} | {theirs:.1f} | "
+                  f"{packed_onednn:.1f} | {ratio:.2f} | {onednn_ratio:.2f} |", flush=True)
     return 0
 
 

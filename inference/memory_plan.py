@@ -48,10 +48,12 @@ def weight_bytes(hf_config, dtype: torch.dtype, device: str, tensor_parallel_siz
     with group.acting_as(0, tensor_parallel_size), torch.device("meta"):
         model = model_class(hf_config)(hf_config).to(dtype)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device == "cpu" and cpu_linear.packs(dtype):
+    # The C++ kernel's packed copies and, for bf16 on AMX CPUs, oneDNN's (kernels/cpu_linear.py).
+    copies = cpu_linear.packs(dtype) + (dtype == torch.bfloat16 and cpu_linear.packs_onednn())
+    if device == "cpu" and copies:
         packed = [m.weight for m in model.modules() if isinstance(m, PackableLinear)]
         packed.append(model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight)
-        total += sum(w.numel() * w.element_size() for w in packed)
+        total += copies * sum(w.numel() * w.element_size() for w in packed)
     return total
 
 

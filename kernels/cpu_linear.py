@@ -21,6 +21,16 @@ F.linear (oneDNN) on a 2-vCPU EPYC Zen 5, one call took 0.2-0.5x its time at
 1-4 rows, 0.4-0.8x at 16-128 and 0.7-0.96x at 512 on every SmolLM2 shape
 (`python -m bench.cpu_linear_bf16`); elsewhere bf16 stays on F.linear.
 
+On a CPU with AMX-BF16, bf16 batches of ONEDNN_MIN_ROWS rows or more run
+oneDNN's packed primitive instead (`mkldnn._linear_pointwise` on a weight
+reordered once by `mkldnn._reorder_linear_weight`), which multiplies on AMX
+tiles: the issue's alternative to hand-written tile code. Its per-call cost
+(above) matters less once a batch has rows to fill a tile; smaller batches
+stay on the AVX512-BF16 kernel, bound by reading the weight. This split is
+not yet measured on an AMX CPU (`python -m bench.cpu_linear_bf16` times all
+three paths); PAGEDINFER_CPU_BF16_LINEAR=onednn takes it on any CPU whose
+oneDNN has bf16, and =kernel keeps AMX CPUs on the AVX512-BF16 kernel alone.
+
 `lora_linear` is a LoRA layer (base, shrink, mask, expands) in one C++ call.
 
 Invariants: a packed weight is a function of its weight alone (re-pack after
@@ -43,17 +53,42 @@ from kernels import cpu_ops
 # (EngineConfig's CPU max_num_batched_tokens); prompt chunks there ran 6% faster offline.
 # The bf16 kernel was faster than bf16 F.linear up to 512 rows on every SmolLM2 shape too.
 MAX_ROWS = 512
-# "0" keeps bf16 weights unpacked, on F.linear (bench/cpu_step.py compares the two).
+# "0" keeps bf16 weights unpacked, on F.linear (bench/cpu_step.py compares the two); "kernel" and
+# "onednn" pick the path of batches of ONEDNN_MIN_ROWS rows or more, which by default ("1") is
+# oneDNN's on a CPU with AMX-BF16 and the AVX512-BF16 kernel's elsewhere.
 CPU_BF16_LINEAR_ENV = "PAGEDINFER_CPU_BF16_LINEAR"
+# An AMX tile holds 16 rows: fewer leave it part empty, and the kernel's GEMV is bound by the weight's reads.
+ONEDNN_MIN_ROWS = 16
+
+
+def _bf16_mode() -> str:
+    return os.environ.get(CPU_BF16_LINEAR_ENV, "1")
 
 
 @functools.cache
 def has_bf16_kernel() -> bool:
     """Whether the C++ ops hold the AVX512-BF16 kernel (built for a CPU with the
     instructions) and PAGEDINFER_CPU_BF16_LINEAR is not "0"."""
-    if os.environ.get(CPU_BF16_LINEAR_ENV, "1") == "0":
+    if _bf16_mode() == "0":
         return False
     return cpu_ops.available() and torch.ops.pagedinfer_cpu.has_linear_bf16()
+
+
+@functools.cache
+def packs_onednn() -> bool:
+    """Whether bf16 weights also get oneDNN's packed copy, for batches of ONEDNN_MIN_ROWS rows or more:
+    by default on a CPU with AMX-BF16, or wherever oneDNN has bf16 with PAGEDINFER_CPU_BF16_LINEAR=onednn."""
+    mode = _bf16_mode()
+    wanted = mode == "onednn" or (mode == "1" and "amx_bf16" in cpu_ops.cpu_info("flags").split())
+    return wanted and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a bf16 `[out, in]` CPU weight where `packs_onednn`, else None."""
+    if not (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.bfloat16
+            and packs_onednn()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ONEDNN_MIN_ROWS)
 
 
 def packs(dtype: torch.dtype) -> bool:
@@ -74,8 +109,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for 2-D x, through `packed` up to MAX_ROWS rows."""
+           packed: torch.Tensor | None, onednn: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for 2-D x: through `onednn` (`pack_onednn`) from ONEDNN_MIN_ROWS rows,
+    else through `packed` up to MAX_ROWS rows."""
+    if onednn is not None and x.dim() == 2 and x.shape[0] >= ONEDNN_MIN_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, onednn, bias, "none", [], "")
     if packed is None or x.dim() != 2 or x.shape[0] > MAX_ROWS:
         return F.linear(x, weight, bias)
     out = x.new_empty(x.shape[0], weight.shape[0])  # the op checks every shape, dtype and stride

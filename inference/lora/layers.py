@@ -147,12 +147,12 @@ class LoRALinear(nn.Module):
         # before the all-reduce below, whose sum is B (sum of y_rank): no collective of the LoRA's own
         # (an all-reduce of y would add one a layer, and B y would still be computed on every rank).
         if token_slots is None:
-            out = cpu_linear.linear(x, base.weight, base.bias, base.packed_weight)
+            out = cpu_linear.linear(x, base.weight, base.bias, base.packed_weight, base.onednn_weight)
         elif x.device.type == "cpu":
             out = linear_lora_masked(x, base, self.lora_a, self.lora_b_t, self.out_parts, self.batch,
                                      self.packed_a, self.packed_b)
         else:
-            out = cpu_linear.linear(x, base.weight, base.bias, base.packed_weight)
+            out = cpu_linear.linear(x, base.weight, base.bias, base.packed_weight, base.onednn_weight)
             add_lora_kernels(x, self.lora_a, self.lora_b_t, self.out_parts, token_slots, out)
         return group.all_reduce(out) if self.row_parallel else out
 

@@ -200,6 +200,7 @@ class LlamaForCausalLM(nn.Module):
             None if self.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
         self.lm_head_packed: torch.Tensor | None = None  # set by pack_cpu_weights
+        self.lm_head_onednn: torch.Tensor | None = None
 
     def make_mlp(self, config, layer_id: int) -> nn.Module:
         """The feed-forward block of layer `layer_id`: the hook the mixture-of-experts families override."""
@@ -215,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = cpu_linear.linear(hidden, weight, None, self.lm_head_packed)
+        logits = cpu_linear.linear(hidden, weight, None, self.lm_head_packed, self.lm_head_onednn)
         return group.gather_vocab(logits, self.config.vocab_size)
 
     def pack_cpu_weights(self) -> int:
@@ -224,6 +225,8 @@ class LlamaForCausalLM(nn.Module):
         added = sum(m.pack() for m in self.modules() if isinstance(m, PackableLinear))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.lm_head_packed = cpu_linear.pack_weight(weight)
-        if self.lm_head_packed is not None:
-            added += weight.numel() * weight.element_size()
+        self.lm_head_onednn = cpu_linear.pack_onednn(weight)
+        for copy in (self.lm_head_packed, self.lm_head_onednn):
+            if copy is not None:
+                added += weight.numel() * weight.element_size()
         return added

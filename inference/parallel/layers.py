@@ -69,14 +69,17 @@ class PackableLinear(nn.Linear):
     one (the CPU's float32 path, and bf16 with AVX512-BF16; `kernels/cpu_linear.py`)."""
 
     packed_weight: torch.Tensor | None = None
+    onednn_weight: torch.Tensor | None = None  # oneDNN's copy, for larger bf16 batches on AMX CPUs
 
     def pack(self) -> int:
         """Pack the weight if this device and dtype allow it; the bytes it added."""
         self.packed_weight = cpu_linear.pack_weight(self.weight)
-        return 0 if self.packed_weight is None else self.weight.numel() * self.weight.element_size()
+        self.onednn_weight = cpu_linear.pack_onednn(self.weight)
+        copies = (self.packed_weight is not None) + (self.onednn_weight is not None)
+        return copies * self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.bias, self.packed_weight)
+        return cpu_linear.linear(x, self.weight, self.bias, self.packed_weight, self.onednn_weight)
 
 
 class ColumnParallelLinear(PackableLinear):
