@@ -1,4 +1,4 @@
-"""Decode steps through CUDA graphs: one captured model forward per batch bucket.
+"""Decode and speculative verify steps through CUDA graphs: captured forwards per batch bucket.
 
 A decode step is small and its cost on a GPU is the host launching ~10
 kernels per layer; a CUDA graph replays all of them with one launch. A
@@ -22,9 +22,10 @@ decode-style padding rows, and the tokens left over up to b * (k + 1)
 belong to no row: attention never writes their output rows (the kernels'
 contract), and they store their key and value in the scratch block like
 every padding token. Padding each request's query up to k + 1 instead would
-give its padding tokens positions past its real ones, whose keys the
-attention kernel would then read from the request's block table, up to
-k - d positions past `max_model_len`.
+put its padding tokens after its real ones, and the kernel would read their
+keys through the request's block table up to k - d positions past its end
+(past `max_model_len` and the table's last column for a request at the
+limit); it would also move the sampled rows away from the eager ones.
 
 Invariants:
 - A graph reads only the persistent `StepBuffers` device tensors, the KV cache
@@ -41,12 +42,13 @@ Invariants:
   them. The split buffers are the runner's preallocated workspace.
 - A graph's shape is (`num_padded_reqs`, `max_query_len`) of its batch, and
   both travel to the other tensor-parallel ranks in the step's plan, so
-  every rank replays the same graph.
+  every rank runs the same shape (on a GPU tensor parallelism runs eagerly
+  today, see `EngineConfig`; on the CPU the ranks run the padded batches).
 - Graphs are captured largest first (verify before decode, each largest
   bucket first) into one memory pool, so the smaller graphs reuse the
-  largest one's activation memory. Each bucket runs eagerly
-  once on the capture stream first (Triton compiles, cuBLAS creates its
-  handles), because neither may happen during capture.
+  largest one's activation memory. Each shape runs eagerly
+  on the capture stream first (Triton compiles, the prefill autotuner picks
+  its config, cuBLAS creates its handles), because none may happen during capture.
 - With LoRA on, every graph is captured with the LoRA kernels in, whatever
   adapters the capture batch used (none): they read each token's slot from
   the step buffers' `lora_slots` and the adapters from the fixed stacked
@@ -176,7 +178,10 @@ class DecodeGraphs:
             try:
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    self._forward(batch)  # warm-up outside capture
+                    # Warm-up outside capture, twice: a geometry's first prefill call may go through the
+                    # autotuner, and only the next through the cached launch handle the capture records.
+                    for _ in range(2 if query_len > 1 else 1):
+                        self._forward(batch)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
