@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_spec_decode import generate_checked, mixed_batch, summary
 
 from inference import LLM, SamplingParams
 from inference.parallel.step_message import StepPlan, decode_step, encode_step
@@ -93,6 +94,23 @@ def test_verify_steps_replay_padded_and_give_the_eager_tokens(tiny_model):
     assert any(b.num_padded_reqs > b.num_reqs for _, b in steps)
     assert any(0 < d < K for drafts, _ in steps for d in drafts)
     assert any(0 in drafts for drafts, _ in steps)
+
+
+def test_mixed_batch_with_verify_shapes_matches_speculation_off(tiny_llama_dir):
+    """test_spec_decode's mixed batch (chunked prefill, n=2, logprobs, stops) with
+    graph shapes on: the same tokens, finish reasons and logprobs as without
+    speculation, the pool whole and the block invariants kept after every step."""
+    prompts, params = mixed_batch(seed=1)
+    kwargs = dict(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=512, max_num_batched_tokens=64)
+    expected = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
+    padded = LLM(**kwargs, enforce_eager=False, speculative_config=NGRAM)
+    steps = record_verify_steps(padded)
+    outputs = generate_checked(padded, prompts, params)
+    assert summary(outputs) == summary(expected)
+    for got, want in zip(outputs[5].outputs[0].logprobs, expected[5].outputs[0].logprobs):
+        assert got.keys() == want.keys()
+        assert all(abs(entry.logprob - want[token].logprob) < 1e-4 for token, entry in got.items())
+    assert steps, "no verify step ran padded"
 
 
 def test_verify_layout_keeps_the_eager_rows(tiny_llama_dir):
