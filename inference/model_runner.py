@@ -97,6 +97,8 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.workers = workers
+        # A verify graph's query length (k + 1); None without speculative decoding.
+        self.verify_len = None if config.speculative is None else config.speculative.num_speculative_tokens + 1
         self.startup = StartupPhases()
         self._load(hf_config)
 
@@ -136,7 +138,7 @@ class ModelRunner:
             config.max_num_seqs, attn.num_heads, attn.head_dim, config.max_model_len, self.device
         )
         # The largest graph's tokens: its largest bucket, times k + 1 with verify graphs.
-        graph_tokens = 0 if config.enforce_eager else self._decode_buckets()[-1] * (self._verify_len() or 1)
+        graph_tokens = 0 if config.enforce_eager else self._decode_buckets()[-1] * (self.verify_len or 1)
         self.buffers = StepBuffers(
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs, graph_tokens),
             max_num_logits=max(config.max_num_batched_tokens, config.max_num_seqs) if spec else config.max_num_seqs,
@@ -151,7 +153,7 @@ class ModelRunner:
         self.graphs = None
         if not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.buffers, self._decode_buckets(), config.max_model_len,
-                                       self.lora.batch if self.lora is not None else None, self._verify_len())
+                                       self.lora.batch if self.lora is not None else None, self.verify_len)
             if self.device.type == "cuda":
                 with phase("graph_capture"):
                     self.graphs.capture()
@@ -161,11 +163,6 @@ class ModelRunner:
     def _decode_buckets(self) -> list[int]:
         config = self.config
         return decode_buckets(config.max_num_seqs, config.max_cudagraph_capture_size, config.cudagraph_capture_sizes)
-
-    def _verify_len(self) -> int | None:
-        """A verify graph's query length (k + 1), None without speculative decoding."""
-        spec = self.config.speculative
-        return None if spec is None else spec.num_speculative_tokens + 1
 
     def _memory_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -216,7 +213,7 @@ class ModelRunner:
             # largest graph for good, beside what eager steps need: the largest
             # bucket's decode shape, or its verify shape where that takes more.
             num_reqs = self._decode_buckets()[-1]
-            for query_len in {1, self._verify_len() or 1}:
+            for query_len in {1, self.verify_len or 1}:
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 self.profile_forward(num_reqs * query_len, num_reqs)
