@@ -221,3 +221,22 @@ def test_verify_graph_replay_equals_eager_for_every_bucket_on_cuda(tiny_llama_di
         padded = runner.buffers.prepare(scheduled, bucket, drafts, query_len)
         replayed = graphs.run(padded)[: padded.num_tokens]
         torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_verify_step_is_sync_free_on_cuda(tiny_llama_dir):
+    llm = engine(tiny_llama_dir, enforce_eager=False, device="cuda")
+    runner, engine_ = llm.engine.runner, llm.engine
+    for i in range(3):
+        engine_.add_request(str(i), [5 + i, 6, 7] * 4, SamplingParams(max_tokens=12, ignore_eos=True))
+    engine_.step()  # the prefills
+    requests = list(engine_.scheduler.running)
+    drafts = {requests[0].request_id: [5, 6], requests[1].request_id: [7]}
+    scheduled = [(r, 1 + len(drafts.get(r.request_id, []))) for r in requests]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bucket, query_len = runner.graphs.shape_for(scheduled, drafts)
+        runner.graphs.run(runner.buffers.prepare(scheduled, bucket, drafts, query_len))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
