@@ -15,9 +15,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from lora_fixtures import build_adapters
 from test_spec_decode import generate_checked, mixed_batch, summary
 
 from inference import LLM, SamplingParams
+from inference.lora.config import LoRARequest
 from inference.parallel.step_message import StepPlan, decode_step, encode_step
 from inference.sampling_plan import plan_logits
 from inference.step_buffers import StepBatch, StepBuffers
@@ -111,6 +113,24 @@ def test_mixed_batch_with_verify_shapes_matches_speculation_off(tiny_llama_dir):
         assert got.keys() == want.keys()
         assert all(abs(entry.logprob - want[token].logprob) < 1e-4 for token, entry in got.items())
     assert steps, "no verify step ran padded"
+
+
+def test_lora_verify_steps_replay_padded_and_give_the_eager_tokens(tiny_llama_dir, tmp_path_factory):
+    """Speculation with adapters: verify steps padded to their graph shape (the
+    padding tokens' `lora_slots` 0) give the eager tokens."""
+    adapters = build_adapters(tiny_llama_dir, tmp_path_factory.mktemp("lora-verify"))
+    names = [None, "sql", "chat", "code", None]
+    prompts, params = workload(len(names))
+    requests = [None if n is None else LoRARequest(n, i + 1, str(adapters[n])) for i, n in enumerate(names)]
+
+    def generate(enforce_eager: bool) -> list[list[int]]:
+        llm = engine(tiny_llama_dir, enforce_eager=enforce_eager, enable_lora=True, max_loras=2)
+        steps = record_verify_steps(llm) if not enforce_eager else []
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
+        assert steps or enforce_eager, "no verify step ran padded"
+        return tokens(outputs)
+
+    assert generate(enforce_eager=False) == generate(enforce_eager=True)
 
 
 def test_verify_layout_keeps_the_eager_rows(tiny_llama_dir):
