@@ -3,8 +3,10 @@
 On the CPU, `enforce_eager=False` runs a verify step padded to its graph
 shape (b rows, b * (k + 1) tokens, `max_query_len` k + 1) eagerly, so the
 padded layout is checked here against the unpadded path: the same greedy
-tokens, the same sampled rows, padding that writes only the scratch block,
-and a plan that every tensor-parallel rank decodes to the same graph. The
+tokens as enforce_eager and as speculation off (test_spec_decode's mixed
+batch and LoRA adapters included), the same sampled rows, padding that
+writes only the scratch block, and a plan that another tensor-parallel rank
+decodes to the same graph shape (tests/test_tensor_parallel.py runs two). The
 CUDA cases (skipped without a GPU) capture the verify graphs and compare
 their replay with eager execution.
 """
