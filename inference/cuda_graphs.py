@@ -152,8 +152,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket on the current CUDA device; raise naming the
-        bucket if one fails, so the engine never starts half-working."""
+        """Capture every shape (decode, and verify with speculation, per bucket) on the
+        current CUDA device; raise naming the shape if one fails, so the engine never
+        starts half-working."""
         verify = f" and {len(self.buckets)} verify graphs ({self.verify_len} tokens a row)" if self.verify_len else ""
         logger.info(
             "capturing %d decode CUDA graphs%s (batch sizes %s); larger decode batches run eagerly "
