@@ -26,7 +26,8 @@
 #      sampler (tests/test_structured_output.py -k cuda; skipped without
 #      xgrammar) and the engine with CUDA graphs
 #      (tests/test_cuda_graphs.py but its SmolLM2 case, which needs the
-#      prepared model), the fused MoE kernel (tests/test_moe_kernel.py -k
+#      prepared model, and tests/test_verify_graphs.py: speculative decoding's
+#      verify graphs), the fused MoE kernel (tests/test_moe_kernel.py -k
 #      cuda), the LoRA kernels and LoRA under the decode graphs
 #      (tests/test_lora_kernels.py, tests/test_lora_cuda_graphs.py). A test file missing from this checkout is
 #      reported as MISSING (the exit status stays 0 for it).
@@ -162,9 +163,9 @@ echo "== 1. CUDA tests ($mode)"
 test_step tests_kernels 200 tests/test_kernels.py tests/test_decode_graph_safe.py tests/test_kernel_launches.py "${kernel_select[@]}"
 test_step tests_layer_kernels 60 tests/test_layer_kernels.py -k cuda
 test_step tests_structured 60 tests/test_structured_output.py -k cuda
-# All of it (-k cuda would match the file name) but the SmolLM2 case: CPU-only, and that model is not
+# All of both (-k cuda would match the file names) but the SmolLM2 case: CPU-only, and that model is not
 # prepared on a bare GPU machine.
-test_step tests_cuda_graphs 120 tests/test_cuda_graphs.py -k "not smollm2"
+test_step tests_cuda_graphs 150 tests/test_cuda_graphs.py tests/test_verify_graphs.py -k "not smollm2"
 test_step tests_moe_kernel 60 tests/test_moe_kernel.py -k cuda
 # The LoRA shrink/expand kernels, and the decode graphs captured with them (-k cuda takes the
 # whole graphs file by its name: its CPU cases are quick).

@@ -33,8 +33,10 @@ CPU), with logits at each of those positions; `accepted_tokens` keeps the
 drafts the target agrees with, and the proposer guesses the next drafts from
 the request's tokens plus what it emits. A draft model (rank 0's alone) is
 loaded with the weights, before the KV budget is measured, and takes from
-that budget a draft block per target block plus lookahead blocks. Such steps never replay a decode
-CUDA graph (their queries are longer than one token): they run eagerly.
+that budget a draft block per target block plus lookahead blocks. With
+graphs on, a step of decode and verify rows alone replays a verify graph of
+its bucket (`DecodeGraphs`: real rows as eager, padding after them), so its
+sampled rows are the eager ones.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.workers = workers
+        # A verify graph's query length (k + 1); None without speculative decoding.
+        self.verify_len = None if config.speculative is None else config.speculative.num_speculative_tokens + 1
         self.startup = StartupPhases()
         self._load(hf_config)
 
@@ -151,8 +155,10 @@ class ModelRunner:
         workspace_numel = kernels.decode_workspace_numel(
             config.max_num_seqs, attn.num_heads, attn.head_dim, config.max_model_len, self.device
         )
+        # The largest graph's tokens: its largest bucket, times k + 1 with verify graphs.
+        graph_tokens = 0 if config.enforce_eager else self._decode_buckets()[-1] * (self.verify_len or 1)
         self.buffers = StepBuffers(
-            max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs, graph_tokens),
             max_num_logits=max(config.max_num_batched_tokens, config.max_num_seqs) if spec else config.max_num_seqs,
             max_num_reqs=config.max_num_seqs,
             max_blocks_per_seq=-(-config.max_model_len // self.block_size),
@@ -165,7 +171,7 @@ class ModelRunner:
         self.graphs = None
         if not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.buffers, self._decode_buckets(), config.max_model_len,
-                                       self.lora.batch if self.lora is not None else None)
+                                       self.lora.batch if self.lora is not None else None, self.verify_len)
             if self.device.type == "cuda":
                 with phase("graph_capture"):
                     self.graphs.capture()
@@ -221,7 +227,7 @@ class ModelRunner:
     def _gpu_kv_budget(self) -> int:
         """What the utilization target leaves after the weights (measured, so
         every expert of an MoE model counts, active or not), the peak
-        activations of the largest step, the decode graphs' memory pool and
+        activations of the largest step, the graphs' memory pool and
         memory torch does not manage."""
         torch.cuda.reset_peak_memory_stats()
         self.profile_forward(self.config.max_num_batched_tokens)
@@ -230,13 +236,15 @@ class ModelRunner:
         graph_pool = 0
         if not self.config.enforce_eager:
             # The graphs' pool keeps about one forward's activations of the
-            # largest bucket for good, beside what eager steps need.
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            # largest graph for good, beside what eager steps need: the largest
+            # bucket's decode shape, or its verify shape where that takes more.
             num_reqs = self._decode_buckets()[-1]
-            self.profile_forward(num_reqs, num_reqs)
-            torch.cuda.synchronize()
-            graph_pool = torch.cuda.max_memory_allocated() - base
+            for query_len in {1, self.verify_len or 1}:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                self.profile_forward(num_reqs * query_len, num_reqs)
+                torch.cuda.synchronize()
+                graph_pool = max(graph_pool, torch.cuda.max_memory_allocated() - base)
         free, total = torch.cuda.mem_get_info()
         not_torch = max(total - free - torch.cuda.memory_reserved(), 0)
         return int(total * self.config.gpu_memory_utilization) - peak - graph_pool - not_torch
@@ -308,14 +316,10 @@ class ModelRunner:
         groups: list[tuple[Request, list[int]]] = []  # (request, its drafts), per request that samples
         prompt_requests: list[tuple[Request, int]] = []  # request, first position
         if scheduled:
-            num_reqs = len(scheduled)
-            graphs = self.graphs
-            plan.use_graph = (
-                graphs is not None and num_reqs <= graphs.max_batch_size and all(n == 1 for _, n in scheduled)
-            )
-            plan.batch = self.buffers.prepare(
-                scheduled, graphs.bucket_for(num_reqs) if plan.use_graph else num_reqs, output.spec_token_ids
-            )
+            shape = None if self.graphs is None else self.graphs.shape_for(scheduled, output.spec_token_ids)
+            plan.use_graph = shape is not None
+            num_padded_reqs, graph_query_len = shape or (len(scheduled), None)
+            plan.batch = self.buffers.prepare(scheduled, num_padded_reqs, output.spec_token_ids, graph_query_len)
             if self.lora is not None:
                 request_slots = self.lora.request_slots([request.lora_name for request, _ in scheduled])
                 self.buffers.set_lora_slots(request_slots, plan.batch)

@@ -12,13 +12,16 @@ CUDA), then copies the used prefix of each to the device without blocking.
 
 Invariants:
 - `max_num_tokens >= max_num_seqs`, so a decode batch padded up to its graph
-  bucket always fits.
+  bucket always fits (the runner sizes it for its verify graphs too).
 - A staging buffer is rewritten only after the copies from it have run: each
   copy records an event that the next write waits for. A step that samples
   nothing does not read anything back, so nothing else would order them.
 - Rows of `block_tables` hold the request's block ids, then -1; padding rows
   (`pad`) point at the runner's scratch block with `seq_len` 1, write their
-  key and value to its slot 0, and are never sampled.
+  key and value to its slot 0, and are never sampled. A batch padded to a
+  verify graph's token count has padding tokens past the padding rows that
+  belong to no row (past `query_start_loc[num_padded_reqs]`): they too
+  write only the scratch block's slot 0, and attention skips them.
 - `lora_slots` holds each token's LoRA adapter slot, 0 for the base model
   and for padding; with LoRA on it is written every step (a captured decode
   graph reads it on replay), with LoRA off never.
@@ -86,12 +89,14 @@ class StepBuffers:
 
     def prepare(
         self, scheduled: list[tuple[Request, int]], num_padded_reqs: int,
-        spec_token_ids: dict[str, list[int]] | None = None,
+        spec_token_ids: dict[str, list[int]] | None = None, graph_query_len: int | None = None,
     ) -> StepBatch:
         """Fill the host buffers for these (request, num_new_tokens) pairs and
         copy them to the device; rows num_reqs..num_padded_reqs-1 are padding
         of one token each. A request with drafts in `spec_token_ids` runs them
-        after its own tokens (its num_new_tokens counts them)."""
+        after its own tokens (its num_new_tokens counts them). With
+        `graph_query_len` (a graph's shape) the batch has num_padded_reqs *
+        graph_query_len tokens, the last ones in no row, and that `max_query_len`."""
         spec_token_ids = spec_token_ids or {}
         self.wait_for_copies()
         h = self.np
@@ -122,22 +127,23 @@ class StepBuffers:
         h["seq_lens"][:num_reqs] = ends
 
         num_pad = num_padded_reqs - num_reqs
-        num_padded_tokens = num_tokens + num_pad
+        num_padded_tokens = num_padded_reqs * graph_query_len if graph_query_len else num_tokens + num_pad
+        assert num_padded_tokens >= num_tokens + num_pad, "the graph shape is too small for the batch"
         if num_pad:
             pad_rows = slice(num_reqs, num_padded_reqs)
-            pad_tokens = slice(num_tokens, num_padded_tokens)
-            qsl[num_reqs + 1 : num_padded_reqs + 1] = np.arange(num_tokens + 1, num_padded_tokens + 1)
+            qsl[num_reqs + 1 : num_padded_reqs + 1] = np.arange(num_tokens + 1, num_tokens + num_pad + 1)
             tables[pad_rows] = -1
             tables[pad_rows, 0] = self.scratch_block_id
             h["seq_lens"][pad_rows] = 1
-            h["input_ids"][pad_tokens] = 0
-            h["positions"][pad_tokens] = 0
-            h["slot_mapping"][pad_tokens] = self.scratch_block_id * bs
+        pad_tokens = slice(num_tokens, num_padded_tokens)  # the padding rows' tokens, then any in no row
+        h["input_ids"][pad_tokens] = 0
+        h["positions"][pad_tokens] = 0
+        h["slot_mapping"][pad_tokens] = self.scratch_block_id * bs
 
         batch = StepBatch(
             num_reqs, num_padded_reqs, num_tokens, num_padded_tokens,
             # `initial`: a batch of padding alone (graph capture) has no real row.
-            max_query_len=int(num_new.max(initial=1)), max_seq_len=int(ends.max(initial=1)),
+            max_query_len=graph_query_len or int(num_new.max(initial=1)), max_seq_len=int(ends.max(initial=1)),
         )
         self.publish(batch)
         return batch

@@ -1,6 +1,9 @@
 """The decode kernel under CUDA-graph conditions: a grid and split count fixed
 by a `max_seq_len` bound far above the real context lengths, split partials
 in a caller's preallocated workspace, and batches padded with dummy rows.
+The prefill kernel under a verify graph's: a fixed `max_query_len` bound
+(k + 1) over rows of 1..k + 1 query tokens, padding rows, and query tokens
+past the last row, with the same launch for any mix of one shape.
 
 The batch builders, tolerances and the interpreter set-up come from
 tests/test_kernels.py (imported first, so the interpreter is switched on
@@ -12,6 +15,7 @@ as there: unreadable cache positions, `out` and the workspace start as NaN.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from test_kernels import CASES, PagedBatch, _need_kernels, check_output, make_ba
 
 import kernels
 import kernels.decode_attention as decode_mod
+import kernels.prefill_attention as prefill_mod
 
 H100_PROGRAMS = 4 * 132  # what `_num_programs_wanted` gives on a 132-SM device
 KERNELS_DIR = str(Path(kernels.__file__).parent)
@@ -144,3 +149,53 @@ def test_workspace_numel_bounds_every_heuristic_call(
                 plan = decode_mod.split_plan(num_reqs, num_kv_heads, head_dim, seq_len, "cuda")
                 assert plan == decode_mod.split_plan(num_reqs, num_kv_heads, head_dim, seq_len, "cuda")
                 assert decode_mod._partials_numel(num_reqs, num_heads, head_dim, plan[1]) <= bound
+
+
+VERIFY_LEN = 5  # k + 1 with 4 speculative tokens
+VERIFY_ROWS = 8
+
+
+def verify_batch(requests: list[tuple[int, int]], dtype: torch.dtype, device: str, seed: int) -> PagedBatch:
+    """Real (query_len <= VERIFY_LEN, seq_len) rows padded as the engine pads a verify graph shape:
+    rows of `seq_len` 1 on one scratch block up to VERIFY_ROWS, VERIFY_ROWS * VERIFY_LEN query tokens
+    (those past the last row's in no row), and block tables as wide as the engine's, whatever the mix."""
+    num_real = len(requests)
+    batch = make_batch(requests + [(1, 1)] * (VERIFY_ROWS - num_real), 3, 64, 16, dtype, device, seed=seed)
+    batch.block_tables[num_real:, 0] = batch.block_tables[num_real, 0]
+    tables = torch.full((VERIFY_ROWS, 8), -1, dtype=torch.int32, device=device)
+    tables[:, : batch.block_tables.shape[1]] = batch.block_tables
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(VERIFY_ROWS * VERIFY_LEN, *batch.query.shape[1:], generator=gen)
+    return replace(batch, query=query.to(device=device, dtype=dtype), block_tables=tables,
+                   max_query_len=VERIFY_LEN)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_verify_shape_launches_alike_for_any_mix(device: str, dtype: torch.dtype,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two verify steps of one graph shape with other real mixes (query lengths 1..k + 1, contexts
+    1..70, two and five padding rows): the prefill launch (config, grid, every non-tensor argument)
+    comes from the shape alone, and each output is right, rows in no request unwritten."""
+    _need_kernels(device)
+    monkeypatch.setenv(kernels.INTERPRET_ENV, "1")  # CUDA tensors take the kernels anyway
+    mixes = ([(1, 1), (5, 40), (3, 17), (2, 70), (5, 5), (1, 33)], [(5, 9), (4, 16), (1, 2)])
+    batches = [verify_batch(requests, dtype, device, seed) for seed, requests in enumerate(mixes)]
+
+    def attend(batch: PagedBatch) -> torch.Tensor:
+        return kernels.paged_attention(
+            batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
+            batch.query_start_loc, VERIFY_LEN, 4096, 0.125, out=poisoned_like(batch.query),
+        )
+
+    attend(batches[0])  # on CUDA the first call of a key autotunes; the launches after it replay
+    launches: list[tuple] = []
+    real_launch = prefill_mod.launch
+
+    def recording_launch(kernel, key, grid, args, **options):
+        launches.append((key, grid, [a for a in args if not isinstance(a, torch.Tensor)], options))
+        return real_launch(kernel, key, grid, args, **options)
+
+    monkeypatch.setattr(prefill_mod, "launch", recording_launch)
+    for batch in batches:
+        check_output(attend(batch), batch, 0.125)
+    assert len(launches) == 2 and launches[0] == launches[1]

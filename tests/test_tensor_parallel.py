@@ -5,7 +5,9 @@ head: replicated, not split) and Qwen3 models, and every logits row computed
 agrees to 1e-4 (the all-reduces sum in another order), with two samples of
 one prompt (copy-on-write block copies) and prompt logprobs in the mix.
 SmolLM2 split three ways (9 query heads, 3 KV heads) gives TP=1's tokens on
-8 prompts. A rank that cannot load its shard fails the start-up with its
+8 prompts. Speculative decoding with graph shapes on (verify steps padded,
+rank 0's plan naming the shape every rank runs) gives TP=1's eager tokens.
+A rank that cannot load its shard fails the start-up with its
 rank and error, and leaves no process behind. Each rank uses one torch thread.
 """
 
@@ -110,3 +112,37 @@ def test_rank_that_cannot_load_names_itself_and_leaves_nothing(tiny_llama_dir, t
     with pytest.raises(RuntimeError, match=failure):
         LLM(str(tmp_path), max_model_len=256, num_kv_blocks=16, tensor_parallel_size=2)
     assert set(spawned_children(os.getpid())) <= children_before
+
+
+def test_tp2_speculative_verify_shapes_match_tp1(tiny_llama_dir):
+    """With speculative decoding and graph shapes on (the CPU runs them padded,
+    eagerly), rank 1 runs the verify shape rank 0's plan names: TP=2 gives
+    TP=1's eager tokens, and rank 0 did run padded verify batches."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    prompts = [[5, 6, 7, 8] * 4, [9, 3] * 6, [1, 2, 3, 4, 5, 6, 7], [40, 41, 42] * 5, [7, 7, 8] * 4]
+    params = [SamplingParams(temperature=0.0, max_tokens=10 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+
+    def run(tensor_parallel_size: int, enforce_eager: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        llm = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=256, num_kv_blocks=96, max_num_seqs=8,
+                  tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                  speculative_config=ngram)
+        shapes: list[tuple[int, int]] = []
+        graphs = llm.engine.runner.graphs
+        if graphs is not None:
+            graph_run = graphs.run
+
+            def recording_run(batch):
+                shapes.append((batch.num_padded_reqs, batch.max_query_len))
+                return graph_run(batch)
+
+            graphs.run = recording_run
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        return [o.outputs[0].token_ids for o in outputs], shapes
+
+    tokens_1, _ = run(1, enforce_eager=True)
+    tokens_2, shapes = run(2, enforce_eager=False)
+    assert tokens_2 == tokens_1
+    assert any(query_len == 5 for _, query_len in shapes), shapes  # k + 1: verify shapes ran

@@ -1,10 +1,13 @@
 """One step's runner inputs, as rank 0 sends them to the other ranks.
 
 `StepPlan` is everything a rank needs to run its part of a step: the
-prepared batch (already padded to a graph bucket if it is one), the KV block
-copies, and the rows whose logits are computed (prompt-logprob ranges, then
-the sampled rows), in the order rank 0 computes them, because computing
-logits gathers across the ranks.
+prepared batch (already padded to a graph shape if it is one: `use_graph`
+with the batch's `num_padded_reqs` and `max_query_len`, 1 for a decode
+graph and k + 1 for a verify graph, names the graph every rank replays,
+so the header carries the verify choice), the KV block copies, and the
+rows whose logits are computed (prompt-logprob ranges, then the sampled
+rows), in the order rank 0 computes them, because computing logits gathers
+across the ranks.
 
 On the wire it is one int64 array: a fixed header, then the used prefix of
 each step buffer. Only the block-table columns the longest sequence reaches
