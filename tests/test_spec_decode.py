@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.draft_models import write_truncated_model
+from bench.draft_models import write_draft_model
 from inference import LLM, SamplingParams
 from inference.spec_decode.config import suffix_decoding_installed
 
@@ -56,7 +56,7 @@ def with_draft(spec: dict, draft_root: Path, folder: Path) -> dict:
         return spec
     draft = draft_root / f"{folder.parent.name}-{folder.name}"
     if not draft.exists():
-        write_truncated_model(folder, draft, num_hidden_layers=1)
+        write_draft_model(folder, draft, layers=[0])
         if folder.name.startswith("tiny"):
             weights = load_file(draft / "model.safetensors")
             gen = torch.Generator().manual_seed(0)
@@ -307,3 +307,29 @@ def test_a_short_draft_pool_drafts_less_never_wrongly(tiny_llama_dir, draft_root
     on.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert sum(len(state.block_table) for state in small.states.values()) + len(small.blocks.free) == 6
     assert len(small.states) <= 1
+
+
+def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_llama_dir, draft_root):
+    """The draft model, run by itself as an engine, continues each request's tokens with exactly the drafts
+    the proposer made, through prompt catch-up across steps (a 150-token prompt, 64 tokens a step),
+    accepted and rejected drafts."""
+    config = with_draft(DRAFT, draft_root, tiny_llama_dir)
+    on = LLM(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64,
+             speculative_config=config)
+    draft = LLM(model=config["model"], dtype="float32", num_kv_blocks=256)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (150, 9)]
+    engine = on.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for request in engine.scheduler.running:
+            if request.spec_token_ids:
+                [want] = draft.generate([request.token_ids], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                           ignore_eos=True), use_tqdm=False)
+                assert request.spec_token_ids == want.outputs[0].token_ids, request.request_id
+                checked += 1
+    counts = on.stats().spec_decode
+    assert checked > 10 and 0 < counts.num_accepted_tokens < counts.num_draft_tokens

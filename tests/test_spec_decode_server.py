@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import start_server
 
-from bench.draft_models import write_truncated_model
+from bench.draft_models import write_draft_model
 from inference import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_greedy_completions_counters_and_structured_refusal(server, tiny_llama_c
 def test_a_draft_model_serves_the_targets_greedy_text(tiny_llama_chat_dir, tmp_path):
     """`--speculative-config` with a draft model (the target's first layer): the completions are the
     target's own, and the draft did draft."""
-    draft = write_truncated_model(tiny_llama_chat_dir, tmp_path / "draft", num_hidden_layers=1)
+    draft = write_draft_model(tiny_llama_chat_dir, tmp_path / "draft", layers=[0])
     config = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
     server = start_server("--model", str(tiny_llama_chat_dir), "--max-model-len", "256", "--num-kv-blocks", "64",
                           "--speculative-config", json.dumps(config))
