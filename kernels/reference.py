@@ -126,16 +126,17 @@ def attend_prompt_rows(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    min_query_len: int = 2,
 ) -> None:
-    """`paged_attention` for the requests with more than one query token (the
-    prompt chunks), one causal SDPA call each; other rows of `out` are left as
-    they are."""
+    """`paged_attention` for the requests with at least `min_query_len` query
+    tokens (prompt chunks), one causal SDPA call each; other rows of `out`
+    are left as they are."""
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     grouped, starts, lens, query_lens = _grouped_batch(query, key_cache, seq_lens, query_start_loc)
     for r, n in enumerate(query_lens):
-        if n <= 1:
+        if n < max(min_query_len, 2):
             continue
         seq_len, start = lens[r], starts[r]
         k = _gather_context(key_cache, block_tables[r : r + 1], seq_len).to(query.dtype)

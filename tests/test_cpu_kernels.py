@@ -34,6 +34,8 @@ HEAD_SHAPES = [(9, 3, 64), (4, 4, 32), (8, 2, 80), (16, 2, 128), (6, 2, 36)]
 BATCHES = {
     "decode": [(1, 1), (1, 17), (1, 64), (1, 300), (1, 33)],
     "mixed": [(1, 40), (24, 24), (1, 5), (9, 70), (1, 129)],
+    # Speculative verify rows (the C++ kernel up to SHORT_QUERY_LEN = 17 tokens), either side of the bound.
+    "verify": [(5, 40), (17, 300), (1, 64), (18, 18), (18, 90), (3, 200)],
 }
 
 
