@@ -41,18 +41,15 @@ sampled rows are the eager ones.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from typing import Protocol
 
-import numpy as np
 import torch
 
 import kernels
-from inference.attention import AttentionMetadata
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs, decode_buckets
+from inference.kv_cache import allocate_kv_cache, profile_forward
 from inference.memory_plan import kv_block_bytes
 from inference.models import load_model
 from inference.parallel import group
@@ -69,17 +66,6 @@ from inference.step_buffers import StepBuffers
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros, but on the CPU from calloc: the OS's zero pages, faulted in
-    as blocks are first written rather than all at start-up (torch.zeros
-    writes every byte: 0.7-2.7 s of a 135M model's start with the default
-    KV budget on a 2-core VM)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class OtherRanks(Protocol):
@@ -139,7 +125,8 @@ class ModelRunner:
         self.sampler = Sampler(config.device)
         self.num_blocks = self._num_kv_blocks(hf_config)
         with phase("kv_cache"):
-            self.kv_caches = self._allocate_kv_cache()
+            # num_blocks for the block manager, then the scratch block for padding rows
+            self.kv_caches = allocate_kv_cache(self.model, self.num_blocks + 1, self.block_size)
             self.proposer = None
             if self.draft is not None:
                 self.proposer = DraftModelProposer(
@@ -255,52 +242,11 @@ class ModelRunner:
         for query_len in kernels.prefill_tuning_lengths(min(config.max_model_len, config.max_num_batched_tokens)):
             self.profile_forward(query_len)
 
-    @torch.inference_mode()
     def profile_forward(self, num_tokens: int | None = None, num_reqs: int = 1) -> torch.Tensor:
-        """A forward of `num_tokens` new tokens (by default `max_num_batched_tokens`,
-        the largest step the scheduler can build) split evenly over `num_reqs`
-        requests, or over more where a request would pass `max_model_len`, as the
-        scheduler never builds one: its positions would index past the rotary
-        table. Into a scratch cache; returns the last logits."""
-        num_tokens = num_tokens or self.config.max_num_batched_tokens
-        num_reqs = max(num_reqs, -(-num_tokens // self.config.max_model_len))
-        per_req = num_tokens // num_reqs
-        num_tokens = per_req * num_reqs
-        attn = self.model.layers[0].self_attn
-        blocks_per_req = -(-per_req // self.block_size)
-        shape = (num_reqs * blocks_per_req, self.block_size, attn.num_kv_heads, attn.head_dim)
-        bound = [layer.self_attn.kv_cache for layer in self.model.layers]
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = (
-                torch.empty(shape, device=self.device, dtype=self.dtype),
-                torch.empty(shape, device=self.device, dtype=self.dtype),
-            )
-        arange = functools.partial(torch.arange, dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=(arange(num_reqs)[:, None] * blocks_per_req * self.block_size + arange(per_req)).flatten().long(),
-            block_tables=arange(num_reqs * blocks_per_req).view(num_reqs, blocks_per_req),
-            seq_lens=torch.full((num_reqs,), per_req, dtype=torch.int32, device=self.device),
-            query_start_loc=arange(num_reqs + 1) * per_req,
-            max_query_len=per_req,
-            max_seq_len=per_req,
-        )
-        positions = arange(per_req).long().repeat(num_reqs)
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, meta)
-        logits = self.model.compute_logits(hidden[-1:])
-        for layer, kv_cache in zip(self.model.layers, bound):
-            layer.self_attn.kv_cache = kv_cache
-        return logits
-
-    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        attn = self.model.layers[0].self_attn
-        # num_blocks for the block manager, then the scratch block for padding rows
-        shape = (self.num_blocks + 1, self.block_size, attn.num_kv_heads, attn.head_dim)
-        caches = []
-        for layer in self.model.layers:
-            kv = (_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
-            layer.self_attn.kv_cache = kv
-            caches.append(kv)
-        return caches
+        """`kv_cache.profile_forward` of this runner's model: by default a step of
+        `max_num_batched_tokens`, the largest the scheduler can build."""
+        return profile_forward(self.model, num_tokens or self.config.max_num_batched_tokens, num_reqs,
+                               self.config.max_model_len, self.block_size)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src, dst = torch.tensor(copies).to(self.device, non_blocking=True).unbind(1)

@@ -46,6 +46,7 @@ import torch
 from transformers import AutoConfig
 
 from inference.attention import AttentionMetadata
+from inference.kv_cache import allocate_kv_cache
 from inference.models import load_model
 from inference.parallel import group
 from inference.spec_decode.config import SpeculativeConfig
@@ -116,14 +117,8 @@ class DraftModelProposer:
         self.max_positions = min(max_model_len, getattr(draft.hf_config, "max_position_embeddings", max_model_len))
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = device
-        attn = self.model.layers[0].self_attn
-        dtype = next(self.model.parameters()).dtype
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_cache_bytes = 0
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
-                                        torch.zeros(shape, dtype=dtype, device=device))
-            self.kv_cache_bytes += 2 * math.prod(shape) * dtype.itemsize
+        caches = allocate_kv_cache(self.model, num_blocks, block_size)
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in caches for t in kv)
         self.blocks = DraftBlocks(num_blocks)
         self.states: dict[str, _DraftState] = {}
 
