@@ -237,10 +237,14 @@ class ModelRunner:
         return int(total * self.config.gpu_memory_utilization) - peak - graph_pool - not_torch
 
     def _tune_prefill(self) -> None:
-        """A prefill in each autotuning length bucket a step can reach, so each is tuned."""
+        """A prefill in each autotuning length bucket a step can reach, so each is tuned; the draft
+        model's too (its prompt catch-up runs the prefill kernel on its own head shapes)."""
         config = self.config
         for query_len in kernels.prefill_tuning_lengths(min(config.max_model_len, config.max_num_batched_tokens)):
             self.profile_forward(query_len)
+            if self.draft is not None:
+                with group.acting_as(0, 1):
+                    profile_forward(self.draft.model, query_len, 1, config.max_model_len, self.block_size)
 
     def profile_forward(self, num_tokens: int | None = None, num_reqs: int = 1) -> torch.Tensor:
         """`kv_cache.profile_forward` of this runner's model: by default a step of

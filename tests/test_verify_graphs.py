@@ -18,7 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 from lora_fixtures import build_adapters
-from test_spec_decode import generate_checked, mixed_batch, summary
+from test_spec_decode import DRAFT, generate_checked, mixed_batch, summary, with_draft
 
 from inference import LLM, SamplingParams
 from inference.lora.config import LoRARequest
@@ -219,6 +219,19 @@ def test_verify_graphs_give_the_eager_tokens_on_cuda(tiny_model):
     got = tokens(graphs.generate(prompts, params, use_tqdm=False))
     assert steps, "no verify graph replayed"
     assert got == tokens(engine(folder, enforce_eager=True, device="cuda").generate(prompts, params, use_tqdm=False))
+
+
+@needs_cuda
+def test_draft_model_on_cuda_gives_the_targets_tokens(tiny_llama_dir, tmp_path):
+    """The draft model on the GPU (its prefill tuned at start-up, its own cache), verify graphs on."""
+    prompts, params = workload()
+    on = LLM(model=str(tiny_llama_dir), dtype="float32", device="cuda", num_kv_blocks=128, max_num_seqs=8,
+             max_num_batched_tokens=64, speculative_config=with_draft(DRAFT, tmp_path, tiny_llama_dir))
+    steps = record_verify_steps(on)
+    got = tokens(on.generate(prompts, params, use_tqdm=False))
+    assert steps and on.stats().spec_decode.num_accepted_tokens > 0
+    assert got == tokens(engine(tiny_llama_dir, enforce_eager=True, speculative=False, device="cuda").generate(
+        prompts, params, use_tqdm=False))
 
 
 @needs_cuda
