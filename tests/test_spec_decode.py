@@ -333,3 +333,22 @@ def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_llama_dir, dra
                 checked += 1
     counts = on.stats().spec_decode
     assert checked > 10 and 0 < counts.num_accepted_tokens < counts.num_draft_tokens
+
+
+def test_a_draft_model_never_drafts_past_its_positions(tiny_llama_dir, draft_root, tmp_path):
+    """Near the end of the positions (the target's max_model_len 48, and the draft's own table, cut to 44)
+    the drafts shrink to what fits, down to none, and the tokens stay the target's."""
+    import json
+    import shutil
+
+    draft = Path(with_draft(DRAFT, draft_root, tiny_llama_dir)["model"])
+    short = tmp_path / "short-draft"
+    shutil.copytree(draft, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 44}))
+    off, on = engines(tiny_llama_dir, {**DRAFT, "model": str(short)}, num_kv_blocks=64, max_model_len=48)
+    prompt = list(range(30, 70))  # 40 tokens: 8 positions left, 4 of them in the draft's table
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    [want], [got] = off.generate([prompt], params, use_tqdm=False), on.generate([prompt], params, use_tqdm=False)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert 0 < on.stats().spec_decode.num_draft_tokens

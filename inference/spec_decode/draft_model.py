@@ -30,7 +30,8 @@ Invariants, per request id:
   itself (it drafts nothing and starts over later). Short of blocks, a
   request drafts less, never wrongly.
 - No position reaches `max_positions` (the smaller of the target's
-  `max_model_len` and the draft's own), as the rotary table ends there.
+  `max_model_len` and the draft's own), as the rotary table ends there: a
+  request that has that many tokens drafts no more.
 
 With tensor parallelism the draft runs whole on rank 0 alone (which
 verifies and proposes), acting as a group of one: it runs no collective.
@@ -137,6 +138,9 @@ class DraftModelProposer:
             if budget == 0:
                 break
             tokens = request.token_ids + emitted
+            if len(tokens) >= self.max_positions:  # no position left for a draft, maybe not for its tokens
+                self._drop(request.request_id)
+                continue
             state = self.states.setdefault(request.request_id, _DraftState())
             _accept(state, tokens)
             num_new = min(len(tokens) - state.num_computed, budget)
