@@ -138,6 +138,8 @@ test_step() {
 
 echo "== 0. wheels: .whl -> $site"
 rm -rf "$site"
+# Before anything imports transformers under this layout (see bench/gpu_wheels.py).
+"$PY" -m bench.gpu_wheels --shadow-hub-kernels "$site"
 if compgen -G ".whl/*.whl" >/dev/null; then
     run_step wheels 120 bash -c "'$PY' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --find-links .whl --target '$site' \$('$PY' -c 'from bench.gpu_wheels import CARRIED; print(*CARRIED)') \

@@ -116,10 +116,32 @@ def check(site: Path) -> int:
     return 1 if missing or outside else 0
 
 
+def shadow_hub_kernels(site: Path) -> bool:
+    """Hide Hugging Face's `kernels` distribution from transformers, where the image has one: a
+    dist-info of version 0 in `site` (first on the path, so metadata finds it first). transformers
+    from 5.25 imports `kernels` when its version check passes, and the import finds this project's
+    `kernels/` package (the checkout is on the path) instead, which fails every model config; at
+    version 0 the check fails and transformers never imports it. True if it wrote one."""
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        return False
+    info = site / "kernels-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0\n")
+    print(f"Hugging Face's kernels {metadata.version('kernels')} is installed: shadowed for transformers by {info}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, metavar="SITE", help="check the imports under the installed layout")
+    parser.add_argument("--shadow-hub-kernels", type=Path, metavar="SITE",
+                        help="hide Hugging Face's kernels distribution from transformers (see shadow_hub_kernels)")
     args = parser.parse_args()
+    if args.shadow_hub_kernels is not None:
+        shadow_hub_kernels(args.shadow_hub_kernels.resolve())
+        return 0
     if args.check is not None:
         return check(args.check.resolve())
     download()

@@ -22,6 +22,34 @@ def test_our_kernels_package_is_not_taken_for_hf_kernels():
     assert result.stdout.strip() == "False"
 
 
+def test_an_installed_hf_kernels_is_shadowed_for_the_gpu_check(tmp_path):
+    """Where Hugging Face's kernels distribution is installed (transformers >= 5.25 requires it),
+    transformers takes this project's `kernels/` for it; bench/gpu_wheels.py's shadow dist-info in the
+    layout's site folder makes transformers' own check say it is absent."""
+    import os
+    from pathlib import Path
+
+    from transformers.utils.import_utils import KERNELS_MIN_VERSION
+
+    image = tmp_path / "image"  # the GPU image's site-packages, as far as `kernels` goes: a version it takes
+    info = image / f"kernels-{KERNELS_MIN_VERSION}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {KERNELS_MIN_VERSION}\n")
+    site = tmp_path / "site"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(image), str(repo)]))
+
+    def available() -> str:
+        code = "from transformers.utils import is_kernels_available\nprint(is_kernels_available())"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                              cwd=repo).stdout.strip()
+
+    assert available() == "True", "the installed distribution passes transformers' check"
+    subprocess.run([sys.executable, "-m", "bench.gpu_wheels", "--shadow-hub-kernels", str(site)], check=True, env=env,
+                   cwd=repo, capture_output=True)
+    assert available() == "False"
+
+
 def test_console_script_parses():
     from server.cli import build_parser
 
