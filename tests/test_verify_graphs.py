@@ -194,6 +194,10 @@ def test_verify_padding_never_touches_request_blocks(tiny_llama_dir):
         return execute(output)
 
     runner.execute = recording_execute
+    for k, v in runner.kv_caches:
+        # A value no store gives: a padding write must change the scratch block, whatever it held.
+        k[runner.num_blocks].fill_(12345.0)
+        v[runner.num_blocks].fill_(12345.0)
     before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     prompts, params = workload(3)  # 3 requests: bucket 4, one padding row
     llm.generate(prompts, params, use_tqdm=False)
