@@ -58,6 +58,11 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int) -> lis
     return caches
 
 
+def kv_cache_bytes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of an `allocate_kv_cache` result."""
+    return sum(t.numel() * t.element_size() for kv in caches for t in kv)
+
+
 @torch.inference_mode()
 def profile_forward(model: nn.Module, num_tokens: int, num_reqs: int, max_model_len: int,
                     block_size: int) -> torch.Tensor:

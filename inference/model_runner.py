@@ -49,7 +49,7 @@ import torch
 import kernels
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphs, decode_buckets
-from inference.kv_cache import allocate_kv_cache, profile_forward
+from inference.kv_cache import allocate_kv_cache, kv_cache_bytes, profile_forward
 from inference.memory_plan import kv_block_bytes
 from inference.models import load_model
 from inference.parallel import group
@@ -94,6 +94,7 @@ class ModelRunner:
 
     def _load(self, hf_config) -> None:
         config = self.config
+        spec = config.speculative
         phase = self.startup.phase
         if self.device.type == "cpu":
             # Built or loaded now, not inside the first request.
@@ -108,7 +109,6 @@ class ModelRunner:
                 self.lora = LoRAResidency(self.model, hf_config, config.lora)
             self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             packed = self.model.pack_cpu_weights() if self.device.type == "cpu" else 0
-            spec = config.speculative
             self.draft = None
             if spec is not None and spec.method == "draft_model" and group.rank() == 0:
                 # Before the KV budget is measured: the draft's weights take from it.
@@ -135,7 +135,7 @@ class ModelRunner:
                 )
             elif spec is not None and group.rank() == 0:
                 self.proposer = build_proposer(spec)
-        self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
+        self.kv_cache_bytes = kv_cache_bytes(self.kv_caches)
         if self.draft is not None:
             self.kv_cache_bytes += self.proposer.kv_cache_bytes
         attn = self.model.layers[0].self_attn

@@ -47,7 +47,7 @@ import torch
 from transformers import AutoConfig
 
 from inference.attention import AttentionMetadata
-from inference.kv_cache import allocate_kv_cache
+from inference.kv_cache import allocate_kv_cache, kv_cache_bytes
 from inference.models import load_model
 from inference.parallel import group
 from inference.spec_decode.config import SpeculativeConfig
@@ -118,8 +118,7 @@ class DraftModelProposer:
         self.max_positions = min(max_model_len, getattr(draft.hf_config, "max_position_embeddings", max_model_len))
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = device
-        caches = allocate_kv_cache(self.model, num_blocks, block_size)
-        self.kv_cache_bytes = sum(t.numel() * t.element_size() for kv in caches for t in kv)
+        self.kv_cache_bytes = kv_cache_bytes(allocate_kv_cache(self.model, num_blocks, block_size))
         self.blocks = DraftBlocks(num_blocks)
         self.states: dict[str, _DraftState] = {}
 
